@@ -1,0 +1,348 @@
+"""``recbole-mm``: run | tune | extract | convert | models | info.
+
+Every command defaults to the embedded dataset ``ml-100k-mm`` (built on first use). ``key=value`` arguments
+override config keys (values are parsed as YAML: ``epochs=5``, ``text_fields=[title,genres]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+from typing import Optional
+
+import yaml
+
+DEFAULT_DATASET = "ml-100k-mm"
+DEFAULT_MODEL = "SASRec"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["epochs=1", "eval_args={mode: full}"]`` -> dict with YAML-parsed values."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"recbole-mm: expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def _plain_argv():
+    """RecBole's Config reads ``--key=value`` from sys.argv; the CLI passes its own overrides instead."""
+    saved = sys.argv
+    sys.argv = [saved[0]]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _fmt(v) -> str:
+    return f"{float(v):.4f}" if isinstance(v, (int, float)) else str(v)
+
+
+def results_table(rows: dict) -> str:
+    """Markdown table: one row per result set (valid, test, ...), one column per metric."""
+    rows = {k: v for k, v in rows.items() if v}
+    if not rows:
+        return ""
+    metrics = []
+    for res in rows.values():
+        for m in res:
+            if m not in metrics:
+                metrics.append(m)
+    lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, res in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(res.get(m, "")) for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- run
+def cmd_run(args) -> int:
+    import recbole_mm
+
+    config_dict = parse_overrides(args.overrides)
+    with _plain_argv():
+        result = recbole_mm.run_recbole(
+            model=args.model,
+            dataset=args.dataset,
+            config_file_list=args.config_files or None,
+            config_dict=config_dict,
+            saved=not args.no_save,
+        )
+    table = results_table(
+        {
+            "valid": result.get("best_valid_result"),
+            "test": result.get("test_result"),
+            "valid (cold items)": result.get("cold_valid_result"),
+            "test (cold items)": result.get("cold_test_result"),
+        }
+    )
+    print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
+    for key, label in (("log_file", "log"), ("checkpoint_file", "checkpoint"), ("tensorboard_dir", "tensorboard")):
+        if result.get(key):
+            print(f"{label}: {result[key]}")
+    for key in ("plot_file",):
+        if result.get(key):
+            print(f"training curve: {result[key]}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(result), f, indent=1)
+        print(f"results: {args.output}")
+    return 0
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+# -------------------------------------------------------------------------- tune
+_SPACE_RE = re.compile(r"^\s*([A-Za-z_][\w]*)\s*=\s*(choice|uniform|quniform|loguniform)\s*\((.*)\)\s*$")
+
+
+def parse_space(items: list[str]) -> dict:
+    """``["learning_rate=choice([0.001, 0.01])", "dropout=uniform(0.1, 0.5)"]`` -> HyperTuning params_dict."""
+    space: dict = {}
+    for item in items:
+        m = _SPACE_RE.match(item)
+        if not m:
+            raise SystemExit(
+                f"recbole-mm tune: cannot parse --space {item!r}; use name=choice([a,b]) | uniform(lo,hi) | "
+                f"quniform(lo,hi,q) | loguniform(lo,hi)"
+            )
+        name, kind, args = m.groups()
+        value = yaml.safe_load(args) if kind == "choice" else yaml.safe_load(f"[{args}]")
+        space.setdefault(kind, {})[name] = value
+    return space
+
+
+def cmd_tune(args) -> int:
+    import recbole_mm
+    from recbole.trainer import HyperTuning
+
+    if not args.params_file and not args.space:
+        raise SystemExit("recbole-mm tune: give --params-file FILE or at least one --space name=choice([...])")
+    fixed = {"model": args.model, "dataset": args.dataset}
+    fixed.update(parse_overrides(args.overrides))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
+        yaml.safe_dump(fixed, f)
+        fixed_file = f.name
+    try:
+        with _plain_argv():
+            tuner = HyperTuning(
+                recbole_mm.objective_function,
+                params_file=args.params_file,
+                params_dict=parse_space(args.space) if args.space else None,
+                fixed_config_file_list=(args.config_files or []) + [fixed_file],
+                algo=args.algo,
+                max_evals=args.max_evals,
+                early_stop=args.early_stop,
+            )
+            tuner.run()
+    finally:
+        os.remove(fixed_file)
+    output = args.output or f"tune-{args.model}-{args.dataset}.md"
+    lines = [f"# Tuning {args.model} on {args.dataset}", "", f"algo: {args.algo}; trials: {len(tuner.params2result)}", ""]
+    for params, res in tuner.params2result.items():
+        lines += [f"## {params}", "", results_table({"valid": res["best_valid_result"], "test": res["test_result"]}), ""]
+    lines += [f"best: {tuner.params2str(tuner.best_params)} (valid score {tuner.best_score:.4f})", ""]
+    with open(output, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"results written to {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------- extract
+def _dataset_config(args, extra: Optional[dict] = None):
+    """Config of a dataset (any model works; SASRec is used) to resolve its folder and yaml keys."""
+    from recbole_mm.config import Config
+
+    cfg = {"data_path": args.data_path} if args.data_path else {}
+    cfg.update(extra or {})
+    with _plain_argv():
+        return Config(model="SASRec", dataset=args.dataset, config_file_list=args.config_files or None, config_dict=cfg)
+
+
+def _parse_taps(value: Optional[str]):
+    if value is None:
+        return None, "pooled"
+    if value == "all":
+        return None, "taps"
+    return [int(t) for t in value.split(",") if t.strip()], "taps"
+
+
+def cmd_extract(args) -> int:
+    from recbole_mm.data.utils import ensure_dataset_folder
+    from recbole_mm.extract import default_feature_path, extract_features, spec_from_config
+
+    overrides = parse_overrides(args.overrides)
+    if args.encoder:
+        overrides[f"{args.modality}_encoder"] = args.encoder
+    if args.pooling:
+        overrides[f"{args.modality}_pooling"] = args.pooling
+    if args.max_length:
+        overrides["text_max_length"] = args.max_length
+    if args.text_fields:
+        overrides["text_fields"] = args.text_fields.split(",")
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    config = _dataset_config(args, overrides)
+    ensure_dataset_folder(config)
+    taps, kind = _parse_taps(args.taps)
+    if args.tokens:
+        kind = "tokens"
+    spec = spec_from_config(config, args.modality, kind=kind, taps=taps)
+    spec.dtype = args.dtype
+    shard = None
+    if args.shard:
+        m = re.match(r"^(\d+)/(\d+)$", args.shard)
+        if not m:
+            raise SystemExit(f"recbole-mm extract: --shard must be i/n, got {args.shard!r}")
+        shard = (int(m.group(1)), int(m.group(2)))
+    out = args.output or default_feature_path(config["data_path"], spec, config["features_dir"])
+    path = extract_features(
+        config["data_path"],
+        config["dataset"],
+        spec,
+        out_path=out,
+        batch_size=args.batch_size,
+        shard=shard,
+        progress=not args.no_progress,
+        config=config,
+    )
+    print(path)
+    return 0
+
+
+# -------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from recbole_mm.data.utils import ensure_dataset_folder
+    from recbole_mm.info import dataset_report
+
+    config = _dataset_config(args)
+    ensure_dataset_folder(config)
+    print(dataset_report(config, verify=args.verify))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from recbole_mm.registry import get_model, list_models
+
+    for source in ("plugin", "recbole") if args.source == "all" else (args.source,):
+        names = list_models(args.pattern, source=source)
+        print(f"{source} models ({len(names)}):")
+        for name in names:
+            line = f"  {name}"
+            if source == "plugin":
+                doc = (get_model(name).__doc__ or "").strip().splitlines()
+                line += f"  - {doc[0]}" if doc else ""
+            print(line)
+    return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+    from dataset_converters.cli import main as convert_main
+
+    return convert_main(argv)
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recbole-mm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,tune,extract,convert,models,info}")
+
+    def common(sp, with_model=True):
+        if with_model:
+            sp.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+        sp.add_argument("--dataset", "-d", default=DEFAULT_DATASET, help=f"dataset name (default {DEFAULT_DATASET})")
+        sp.add_argument("--config-files", "-c", nargs="+", default=[], metavar="YAML", help="config files, in order")
+
+    r = sub.add_parser("run", help="train and evaluate a model", description="Train and evaluate a model (RecBole's run_recbole).")
+    common(r)
+    r.add_argument("--no-save", action="store_true", help="do not save the best checkpoint (test uses the last model)")
+    r.add_argument("--output", "-o", help="also write the result dict as JSON here")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (YAML values)")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("tune", help="hyper-parameter search (RecBole HyperTuning, hyperopt)",
+                       description="Hyper-parameter search with RecBole's HyperTuning (hyperopt).")
+    common(t)
+    t.add_argument("--params-file", help="RecBole params file (lines 'name choice [..]' / 'name uniform lo,hi')")
+    t.add_argument("--space", action="append", default=[], metavar="NAME=KIND(ARGS)",
+                   help="inline search space, e.g. 'learning_rate=choice([0.001,0.01])' (repeatable)")
+    t.add_argument("--algo", default="exhaustive", choices=["exhaustive", "random", "bayes"])
+    t.add_argument("--max-evals", type=int, default=100, help="trials for random / bayes")
+    t.add_argument("--early-stop", type=int, default=10, help="stop after this many trials without improvement")
+    t.add_argument("--output", "-o", help="result table file (default tune-<model>-<dataset>.md)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config overrides for every trial")
+    t.set_defaults(func=cmd_tune)
+
+    e = sub.add_parser("extract", help="extract frozen encoder features for every item",
+                       description="Extract frozen features (resumable, shardable) into <dataset>/features/<encoder>/.")
+    common(e, with_model=False)
+    e.add_argument("--data-path", help="folder holding <dataset>/ (default: config data_path)")
+    e.add_argument("--modality", required=True, choices=["text", "image"])
+    e.add_argument("--encoder", help="HF id / local folder (text, image) or timm name (image); default from config")
+    e.add_argument("--pooling", help="text: cls|mean|last|pooler; image: default|cls|mean")
+    e.add_argument("--taps", help="'all' or comma-separated hidden-state indices (per-layer outputs)")
+    e.add_argument("--tokens", action="store_true", help="store token states [n, T, d] instead of pooled vectors")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--shard", help="i/n: compute shard i of n; the last shard to finish merges them")
+    e.add_argument("--max-length", type=int, help="text tokens per item")
+    e.add_argument("--text-fields", help="comma-separated .item text columns")
+    e.add_argument("--image-size", type=int, help="square image side")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    e.add_argument("--output", "-o", help="output .npy (default <dataset>/features/<encoder>/<modality>-<pooling>...npy)")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.set_defaults(func=cmd_extract)
+
+    sub.add_parser("convert", help="convert MicroLens / NineRec / PixelRec / MMRec data (see: recbole-mm convert --help)",
+                   add_help=False)
+
+    m = sub.add_parser("models", help="list models", description="List plugin models and RecBole's stock models.")
+    m.add_argument("pattern", nargs="?", help="glob, e.g. '*Rec'")
+    m.add_argument("--source", default="all", choices=["all", "plugin", "recbole"])
+    m.set_defaults(func=cmd_models)
+
+    i = sub.add_parser("info", help="dataset statistics and content / feature files",
+                       description="Dataset statistics, which content and feature files exist, and whether they align.")
+    common(i, with_model=False)
+    i.add_argument("--data-path", help="folder holding <dataset>/")
+    i.add_argument("--verify", action="store_true", help="also verify feature checksums (reads every file)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        return cmd_convert(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import torch
+
+    if os.environ.get("RECBOLE_MM_THREADS"):
+        torch.set_num_threads(int(os.environ["RECBOLE_MM_THREADS"]))
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

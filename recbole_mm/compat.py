@@ -1,0 +1,108 @@
+"""The few shims RecBole 1.2.1 needs on today's numpy / pandas / torch / setuptools. Imported first.
+
+Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that fails without it.
+
+- numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` and ``np.bool8``. RecBole's
+  ``Config.compatibility_settings`` reads ``np.float_`` on every Config, and ray's tensorboard logger reads
+  ``np.bool8`` at import (``recbole.quick_start`` imports ray). Ray worker processes need the same aliases:
+  :func:`ray_init_kwargs` passes :func:`apply_numpy_aliases` as their ``worker_process_setup_hook``.
+- torch >= 2.6 loads with ``weights_only=True``; RecBole's checkpoints pickle the whole Config (protocol 4,
+  which the weights-only unpickler rejects outright). RecBole only ever loads checkpoints its own trainer
+  wrote, so :func:`trust_recbole_checkpoint_loads` gives exactly RecBole's load sites (trainer resume / best
+  model, the pretrain loaders of a few stock models) a ``torch`` whose ``load`` defaults to
+  ``weights_only=False``. Nothing else in the process changes; our own loaders pass ``weights_only=False``
+  explicitly.
+- CE-loss sequential models (SASRec ...) fail in Config with RecBole's default uniform negative sampling;
+  that fix lives in :class:`recbole_mm.config.Config` (``train_neg_sample_args`` defaults to ``None`` there).
+- pandas 3 and setuptools >= 81 break RecBole too; they are pinned in setup.py (``pandas<3``,
+  ``setuptools<81``) rather than shimmed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+import warnings
+
+import numpy as np
+
+_NUMPY_ALIASES = {
+    "float_": "float64",
+    "complex_": "complex128",
+    "unicode_": "str_",
+    "bool8": "bool_",
+}
+
+
+def apply_numpy_aliases() -> None:
+    """Restore the numpy 1 aliases RecBole 1.2.1 and ray 2.6 use (only where missing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for old, new in _NUMPY_ALIASES.items():
+            try:
+                getattr(np, old)
+            except AttributeError:
+                setattr(np, old, getattr(np, new))
+
+
+def ray_init_kwargs(**kwargs) -> dict:
+    """Keyword arguments for ``ray.init`` that apply the numpy aliases inside every Ray worker too."""
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", apply_numpy_aliases)
+    return {"runtime_env": runtime_env, **kwargs}
+
+
+class _TorchTrustedLoad(types.ModuleType):
+    """``torch`` as seen by RecBole's modules: identical, except ``load`` defaults to ``weights_only=False``."""
+
+    def __init__(self, torch_module):
+        super().__init__("torch")
+        self.__dict__["_torch"] = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_torch"], name)
+
+    def load(self, *args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return self.__dict__["_torch"].load(*args, **kwargs)
+
+
+# RecBole modules that call torch.load on files RecBole itself wrote (checkpoints, pretrained stages).
+RECBOLE_LOAD_SITES = (
+    "recbole.trainer.trainer",
+    "recbole.model.general_recommender.convncf",
+    "recbole.model.general_recommender.nais",
+    "recbole.model.general_recommender.ract",
+    "recbole.model.general_recommender.neumf",
+    "recbole.model.context_aware_recommender.kd_dagfm",
+    "recbole.model.sequential_recommender.s3rec",
+)
+
+
+def trust_recbole_checkpoint_loads() -> None:
+    import torch
+
+    proxy = _TorchTrustedLoad(torch)
+    for name in RECBOLE_LOAD_SITES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+
+
+def _quiet_known_warnings() -> None:
+    # Known, harmless noise of this stack; each message is matched exactly so that nothing else is hidden.
+    for message in (
+        r"pkg_resources is deprecated as an API.*",
+        r"`torch.cuda.amp.GradScaler\(args...\)` is deprecated.*",
+        r"is_gradient_checkpointing is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"thop\..*")
+
+
+def apply() -> None:
+    apply_numpy_aliases()
+    _quiet_known_warnings()
+
+
+apply()

@@ -1,0 +1,191 @@
+"""Item content (text, images, frozen features) aligned once to RecBole's internal item ids.
+
+Where content lives in a dataset folder ``<data_path>/<name>/``:
+
+- text: columns of ``<name>.item`` named by ``text_fields`` (joined with a space when several). Read here with
+  pandas as plain UTF-8 strings, exactly as written; RecBole itself does not need to load them
+  (``load_col``), so long texts never enter RecBole's batches.
+- images: ``<image_dir>/<item_token>.<jpg|jpeg|png|webp|bmp|gif>``; decoded and resized once into the on-disk
+  uint8 store of :class:`ImageStore` (``image_store/<S>px/``).
+- frozen features: ``features/<encoder>/<stem>.npy`` + sidecar (:mod:`recbole_mm.data.features`).
+
+Alignment: RecBole numbers items by first appearance in ``.inter`` after filtering (not by token order), and
+id 0 is ``[PAD]``. :class:`ItemContent` maps every internal id to its token once (``field2id_token``) and
+gathers content by token. Row 0 is always padding: empty text, the placeholder image, a zero vector.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recbole_mm.data import features as feature_files
+from recbole_mm.data.images import ImageStore
+from recbole_mm.utils import cfg_get
+
+logger = logging.getLogger(__name__)
+
+PAD = "[PAD]"
+
+
+def read_item_table(path: str, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Read an atomic ``.item`` file as strings (names without the ``:type`` suffix), texts kept exactly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"item file {path} does not exist (item text is read from it)")
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").lstrip("\ufeff").split("\t")
+    names = [h.split(":")[0] for h in header]
+    if columns is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise KeyError(f"item file {path} has no column(s) {missing}; its columns are {names}")
+    usecols = None if columns is None else [names.index(c) for c in columns]
+    df = pd.read_csv(
+        path,
+        sep="\t",
+        header=None,
+        skiprows=1,
+        names=names,
+        usecols=usecols,
+        dtype=str,
+        keep_default_na=False,
+        quoting=csv.QUOTE_NONE,
+        encoding="utf-8",
+        engine="c",
+    )
+    return df
+
+
+class ItemContent:
+    """Content of the items of one (filtered) RecBole dataset, by internal item id.
+
+    Args:
+        tokens: item token of each internal id (``tokens[0] == "[PAD]"``).
+        dataset_dir: the dataset folder.
+        dataset_name: its name (atomic files are ``<dataset_name>.<suffix>``).
+        config: the run's Config (or a dict) for ``text_fields``, ``image_dir``, ``image_size``,
+            ``image_store_dir``.
+    """
+
+    def __init__(self, tokens: Sequence[str], dataset_dir: str, dataset_name: str, config=None):
+        self.tokens = np.asarray(tokens, dtype=object)
+        if len(self.tokens) == 0 or self.tokens[0] != PAD:
+            raise ValueError("tokens[0] must be RecBole's padding token '[PAD]'")
+        self.dataset_dir = dataset_dir
+        self.dataset_name = dataset_name
+        self.config = config if config is not None else {}
+        self._text_cache: dict = {}
+        self._image_views: dict = {}
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "ItemContent":
+        config = dataset.config
+        tokens = dataset.field2id_token[dataset.iid_field]
+        return cls(tokens, dataset.dataset_path, dataset.dataset_name, config)
+
+    def _cfg(self, key, default=None):
+        return cfg_get(self.config, key, default)
+
+    @property
+    def n_items(self) -> int:
+        """Number of rows, padding included (RecBole's ``item_num``)."""
+        return len(self.tokens)
+
+    # ------------------------------------------------------------------ text
+    def text(self, fields: Optional[Sequence[str]] = None) -> list[str]:
+        """Item texts by internal id (``""`` for padding); several fields are joined with a space.
+
+        Items missing from the ``.item`` file are an error naming the file and the first missing token.
+        """
+        fields = list(fields or self._cfg("text_fields", ["title"]))
+        key = tuple(fields)
+        if key not in self._text_cache:
+            path = os.path.join(self.dataset_dir, f"{self.dataset_name}.item")
+            item_field = self._cfg("ITEM_ID_FIELD", "item_id")
+            table = read_item_table(path, [item_field] + fields)
+            table = table.drop_duplicates(subset=[item_field], keep="first")
+            joined = table[fields[0]]
+            for f in fields[1:]:
+                joined = joined.str.cat(table[f], sep=" ").str.strip()
+            by_token = dict(zip(table[item_field], joined))
+            missing = [t for t in self.tokens[1:] if t not in by_token]
+            if missing:
+                raise feature_files.FeatureFileError(
+                    f"item file {path} has no row for {len(missing)} item(s) of the dataset; first missing token: "
+                    f"{missing[0]!r}"
+                )
+            self._text_cache[key] = [""] + [by_token[t] for t in self.tokens[1:]]
+        return self._text_cache[key]
+
+    def tokenize(self, tokenizer, max_length: int, fields: Optional[Sequence[str]] = None, lowercase: bool = False):
+        """``(input_ids, attention_mask)`` int64 tensors ``[n_items, max_length]`` (row 0 all zeros)."""
+        texts = self.text(fields)
+        if lowercase:
+            texts = [t.lower() for t in texts]
+        enc = tokenizer(texts[1:], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        ids = torch.zeros((self.n_items, max_length), dtype=torch.long)
+        mask = torch.zeros((self.n_items, max_length), dtype=torch.long)
+        ids[1:] = enc["input_ids"]
+        mask[1:] = enc["attention_mask"]
+        return ids, mask
+
+    # ---------------------------------------------------------------- images
+    def image_store(self, size: Optional[int] = None) -> ImageStore:
+        size = int(size or self._cfg("image_size", 224))
+        store_root = self._cfg("image_store_dir") or os.path.join(self.dataset_dir, "image_store")
+        image_dir = os.path.join(self.dataset_dir, self._cfg("image_dir", "images"))
+        catalogue = self._catalogue_tokens()
+        return ImageStore.open_or_build(image_dir, os.path.join(store_root, f"{size}px"), size, catalogue)
+
+    def _catalogue_tokens(self) -> list[str]:
+        """All item tokens of the dataset folder (``.item`` rows, else this dataset's items)."""
+        path = os.path.join(self.dataset_dir, f"{self.dataset_name}.item")
+        if os.path.isfile(path):
+            field = self._cfg("ITEM_ID_FIELD", "item_id")
+            tokens = read_item_table(path, [field])[field].tolist()
+            return sorted(set(tokens) | set(self.tokens[1:].tolist()))
+        return sorted(set(self.tokens[1:].tolist()))
+
+    def image_rows(self, size: Optional[int] = None) -> tuple[ImageStore, torch.Tensor]:
+        """The image store and, per internal id, its row there (0 = placeholder: padding, missing, corrupt)."""
+        size = int(size or self._cfg("image_size", 224))
+        if size not in self._image_views:
+            store = self.image_store(size)
+            rows = store.rows_for(self.tokens[1:].tolist())
+            n_placeholder = int((rows == 0).sum())
+            if n_placeholder:
+                names = [t for t, r in zip(self.tokens[1:], rows) if r == 0][:5]
+                logger.warning(
+                    f"{n_placeholder} of {len(rows)} items of {self.dataset_name} have no usable image and use "
+                    f"the placeholder (first: {', '.join(map(str, names))})"
+                )
+            self._image_views[size] = (store, torch.from_numpy(np.concatenate([[0], rows]).astype(np.int64)))
+        return self._image_views[size]
+
+    def pixels(self, item_ids: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
+        """uint8 images ``[n, S, S, 3]`` for internal item ids (any shape is flattened)."""
+        store, rows = self.image_rows(size)
+        return store.read(rows[item_ids.reshape(-1).cpu()])
+
+    # -------------------------------------------------------------- features
+    def feature_rows(self, npy_path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Memory-mapped feature file, its row per internal id (-1 for padding) and its sidecar."""
+        array, side = feature_files.open_features(npy_path)
+        rows = feature_files.align_rows(side["tokens"], self.tokens.tolist(), source=f"feature file {npy_path}")
+        return array, rows, side
+
+    def features(self, npy_path: str, dtype=np.float32) -> torch.Tensor:
+        """Feature file aligned to internal ids: tensor ``[n_items, ...]`` with row 0 all zeros."""
+        array, rows, _ = self.feature_rows(npy_path)
+        out = np.zeros((self.n_items,) + array.shape[1:], dtype=dtype)
+        valid = rows >= 0
+        order = np.argsort(rows[valid], kind="stable")  # read the memory map in file order
+        ids = np.nonzero(valid)[0][order]
+        out[ids] = array[rows[valid][order]]
+        return torch.from_numpy(out)

@@ -1,0 +1,122 @@
+"""Text encoder over any transformers model (BERT / RoBERTa / MiniLM, CLIP text tower, Llama, ...).
+
+Outputs, chosen by ``output``:
+
+- ``"pooled"``: ``[n, d]`` with ``pooling`` = ``cls`` (first token), ``mean`` (attention-mask weighted mean, as
+  sentence-transformers), ``last`` (last real token, for decoder LLMs) or ``pooler`` (the model's pooler);
+- ``"taps"``: ``[n, len(taps), d]``, the pooled vector of each selected hidden state (index 0 = embedding
+  output, i = layer i), as IISAN's side network reads them;
+- ``"tokens"``: ``[n, T, d]`` last hidden states (ODMT, PMMRec fusion).
+
+``normalize=True`` L2-normalises pooled outputs (sentence-transformers' all-MiniLM-L6-v2 recipe).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from recbole_mm.encoders.hub import resolve_hf_path
+
+TEXT_POOLINGS = ("cls", "mean", "last", "pooler")
+
+
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool ``hidden`` ``[n, T, d]`` with attention ``mask`` ``[n, T]``."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "last":
+        last = mask.long().sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    raise ValueError(f"unknown text pooling {pooling!r}; choose from {TEXT_POOLINGS}")
+
+
+def _load_backbone(path: str):
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    if cfg.model_type == "clip":  # the text tower of a CLIP checkpoint
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel.from_pretrained(path, local_files_only=True)
+    return AutoModel.from_pretrained(path, local_files_only=True)
+
+
+class TextEncoder(nn.Module):
+    """A transformers text model with pooling / layer taps / token outputs (module docstring).
+
+    Args:
+        name: HF id in the local cache, local folder, or an offline preset (``all-MiniLM-L6-v2``).
+        pooling: ``cls`` | ``mean`` | ``last`` | ``pooler``.
+        output: ``pooled`` | ``taps`` | ``tokens``.
+        taps: hidden-state indices for ``output="taps"`` (``None`` = all).
+        normalize: L2-normalise pooled / tapped vectors.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pooling: str = "mean",
+        output: str = "pooled",
+        taps: Optional[Sequence[int]] = None,
+        normalize: bool = False,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"unknown text pooling {pooling!r}; choose from {TEXT_POOLINGS}")
+        if output not in ("pooled", "taps", "tokens"):
+            raise ValueError(f"text encoder output must be pooled, taps or tokens, got {output!r}")
+        self.name = name
+        self.path = resolve_hf_path(name)
+        self.model = _load_backbone(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self.tokenizer.pad_token is None:  # decoder LLM tokenizers
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.pooling = pooling
+        self.output = output
+        self.normalize = normalize
+        n_states = self.num_hidden_layers + 1
+        self.taps = list(range(n_states)) if taps is None else [int(t) for t in taps]
+        bad = [t for t in self.taps if not -n_states <= t < n_states]
+        if bad:
+            raise ValueError(f"taps {bad} out of range for {name} ({n_states} hidden states incl. embeddings)")
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        want_states = self.output == "taps"
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_states, return_dict=True
+        )
+        if self.output == "tokens":
+            return out.last_hidden_state
+        if self.output == "taps":
+            states = out.hidden_states
+            vecs = torch.stack([pool_tokens(states[t], attention_mask, self._token_pooling()) for t in self.taps], 1)
+            return nn.functional.normalize(vecs, dim=-1) if self.normalize else vecs
+        if self.pooling == "pooler":
+            vec = out.pooler_output
+        else:
+            vec = pool_tokens(out.last_hidden_state, attention_mask, self.pooling)
+        return nn.functional.normalize(vec, dim=-1) if self.normalize else vec
+
+    def _token_pooling(self) -> str:
+        return "cls" if self.pooling == "pooler" else self.pooling
+
+    def unused_parameter_prefixes(self) -> list[str]:
+        """Parameters that never influence the output (kept frozen by every fine-tune policy)."""
+        return [] if self.pooling == "pooler" and self.output == "pooled" else ["model.pooler."]

@@ -1,0 +1,362 @@
+"""Feature extraction: frozen encoder outputs for every item of a dataset folder, keyed by item token.
+
+``recbole-mm extract`` and the models' automatic "extract on first use" both call :func:`extract_features`.
+
+- Rows: every item token of the dataset folder (``<name>.item`` rows, else the items of ``<name>.inter``),
+  sorted, so the file does not depend on RecBole's filtering or id order.
+- Resumable: rows are written batch by batch into ``<stem>.partial.npy`` with a progress file; a rerun after an
+  interruption continues at the next batch. Batches have fixed boundaries, so the result is byte-identical
+  to an uninterrupted run.
+- Sharded: ``shard=(i, n)`` computes rows ``[i*N/n, (i+1)*N/n)`` into ``<stem>.shard-i-of-n.npy``; when the
+  last shard finishes, the shards are merged into ``<stem>.npy`` (and removed).
+- Provenance: the sidecar records encoder, pooling, taps, dtype, shape, token order, checksum and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from recbole_mm.data import features as ff
+from recbole_mm.utils import cfg_get
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSpec:
+    """What to extract. ``kind``: pooled | taps | tokens. ``taps``: hidden-state indices (``None`` = all)."""
+
+    modality: str  # "text" | "image"
+    encoder: str
+    pooling: str = "mean"
+    kind: str = "pooled"
+    taps: Optional[list] = None
+    max_length: int = 32  # text
+    text_fields: list = field(default_factory=lambda: ["title"])  # text
+    lowercase: bool = False  # text
+    normalize: bool = False  # text: L2-normalise pooled vectors
+    image_size: int = 224  # image
+    image_pretrained: bool = True  # image
+    image_weights: Optional[str] = None  # image
+    dtype: str = "float32"
+
+    def stem(self) -> str:
+        parts = [self.modality, self.pooling]
+        if self.kind == "taps":
+            parts.append("taps" if self.taps is None else "taps" + "_".join(map(str, self.taps)))
+        elif self.kind == "tokens":
+            parts.append("tokens")
+        return "-".join(parts)
+
+    def settings(self) -> dict:
+        s = asdict(self)
+        for k in ("modality", "encoder", "pooling", "kind", "taps"):
+            s.pop(k)
+        if self.modality == "text":
+            for k in ("image_size", "image_pretrained", "image_weights"):
+                s.pop(k)
+        else:
+            for k in ("max_length", "text_fields", "lowercase", "normalize"):
+                s.pop(k)
+        return s
+
+
+def default_feature_path(dataset_dir: str, spec: ExtractSpec, features_dir: Optional[str] = None) -> str:
+    from recbole_mm.encoders.hub import slug
+
+    root = features_dir or os.path.join(dataset_dir, "features")
+    return os.path.join(root, slug(spec.encoder), spec.stem() + ".npy")
+
+
+def catalogue_tokens(dataset_dir: str, dataset_name: str, item_field: str = "item_id") -> list[str]:
+    """Every item token of a dataset folder, sorted."""
+    from recbole_mm.data.content import read_item_table
+
+    item_path = os.path.join(dataset_dir, f"{dataset_name}.item")
+    if os.path.isfile(item_path):
+        return sorted(set(read_item_table(item_path, [item_field])[item_field].tolist()))
+    inter_path = os.path.join(dataset_dir, f"{dataset_name}.inter")
+    if not os.path.isfile(inter_path):
+        raise FileNotFoundError(f"neither {item_path} nor {inter_path} exists")
+    return sorted(set(read_item_table(inter_path, [item_field])[item_field].tolist()))
+
+
+def build_encoder(spec: ExtractSpec):
+    output = spec.kind
+    if spec.modality == "text":
+        from recbole_mm.encoders.text import TextEncoder
+
+        return TextEncoder(spec.encoder, pooling=spec.pooling, output=output, taps=spec.taps, normalize=spec.normalize)
+    if spec.modality == "image":
+        from recbole_mm.encoders.image import ImageEncoder
+
+        return ImageEncoder(
+            spec.encoder,
+            image_size=spec.image_size,
+            pretrained=spec.image_pretrained,
+            weights=spec.image_weights,
+            pooling=spec.pooling,
+            output=output,
+            taps=spec.taps,
+        )
+    raise ValueError(f"modality must be text or image, got {spec.modality!r}")
+
+
+class _Inputs:
+    """Encoder inputs for rows ``[lo, hi)`` of the token list (text: token ids; image: uint8 pixels)."""
+
+    def __init__(self, spec: ExtractSpec, encoder, dataset_dir: str, dataset_name: str, tokens: Sequence[str], config):
+        self.spec = spec
+        self.tokens = list(tokens)
+        if spec.modality == "text":
+            from recbole_mm.data.content import read_item_table
+
+            path = os.path.join(dataset_dir, f"{dataset_name}.item")
+            item_field = cfg_get(config, "ITEM_ID_FIELD", "item_id")
+            table = read_item_table(path, [item_field] + list(spec.text_fields)).drop_duplicates(item_field)
+            text = table[spec.text_fields[0]]
+            for f in spec.text_fields[1:]:
+                text = text.str.cat(table[f], sep=" ").str.strip()
+            by_token = dict(zip(table[item_field], text))
+            missing = [t for t in self.tokens if t not in by_token]
+            if missing:
+                raise ff.FeatureFileError(f"item file {path} has no text for token {missing[0]!r}")
+            texts = [by_token[t] for t in self.tokens]
+            if spec.lowercase:
+                texts = [t.lower() for t in texts]
+            enc = encoder.tokenizer(
+                texts, padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt"
+            )
+            self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            from recbole_mm.data.content import ItemContent
+
+            content = ItemContent(["[PAD]"] + self.tokens, dataset_dir, dataset_name, config or {"image_size": spec.image_size})
+            store, rows = content.image_rows(spec.image_size)
+            self.store, self.rows = store, rows[1:]
+
+    def batch(self, lo: int, hi: int):
+        if self.spec.modality == "text":
+            ids, mask = self.ids[lo:hi], self.mask[lo:hi]
+            width = int(mask.sum(1).max().item()) if hi > lo else 1  # trim padding shared by the whole batch
+            return (ids[:, :width], mask[:, :width])
+        return (self.store.read(self.rows[lo:hi]),)
+
+
+def _out_shape(encoder, spec: ExtractSpec, n: int) -> tuple:
+    d = encoder.hidden_size
+    if spec.kind == "pooled":
+        return (n, d)
+    if spec.kind == "taps":
+        return (n, len(encoder.taps), d)
+    return None  # tokens: known after the first batch
+
+
+def extract_features(
+    dataset_dir: str,
+    dataset_name: str,
+    spec: ExtractSpec,
+    out_path: Optional[str] = None,
+    batch_size: int = 64,
+    shard: Optional[tuple[int, int]] = None,
+    progress: bool = True,
+    config: Optional[dict] = None,
+    device: str = "cpu",
+    _stop_after_batches: Optional[int] = None,
+) -> str:
+    """Extract features for every item of the dataset folder. Returns the path of the merged file (or, for a
+    shard while other shards are missing, the shard file)."""
+    from tqdm.auto import tqdm
+
+    out_path = out_path or default_feature_path(dataset_dir, spec)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tokens = catalogue_tokens(dataset_dir, dataset_name, cfg_get(config, "ITEM_ID_FIELD", "item_id"))
+    n_total = len(tokens)
+    lo_all, hi_all = 0, n_total
+    target = out_path
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+        lo_all, hi_all = (i * n_total) // n, ((i + 1) * n_total) // n
+        target = _shard_path(out_path, i, n)
+    if os.path.isfile(target) and os.path.isfile(ff.sidecar_path(target)):
+        logger.info(f"features already extracted: {target}")
+        return _maybe_merge(out_path, shard) if shard else target
+
+    encoder = build_encoder(spec).to(device).eval()
+    inputs = _Inputs(spec, encoder, dataset_dir, dataset_name, tokens[lo_all:hi_all], config)
+    n_rows = hi_all - lo_all
+    partial = os.path.splitext(target)[0] + ".partial.npy"
+    progress_file = os.path.splitext(target)[0] + ".progress.json"
+    done = 0
+    meta = {"spec": asdict(spec), "rows": n_rows, "lo": lo_all, "batch_size": batch_size}
+    if os.path.isfile(partial) and os.path.isfile(progress_file):
+        with open(progress_file, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("meta") == meta:
+            done = int(saved["done"])
+            logger.info(f"resuming extraction of {target} at row {done} of {n_rows}")
+    dtype = np.dtype(spec.dtype)
+    array = None
+    if done:
+        array = np.load(partial, mmap_mode="r+")
+    bar = tqdm(total=n_rows, initial=done, desc=f"extract {spec.modality} {spec.stem()}", unit="item", disable=not progress)
+    batches = 0
+    with torch.inference_mode():
+        for lo in range(done, n_rows, batch_size):
+            hi = min(lo + batch_size, n_rows)
+            out = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy().astype(dtype)
+            if array is None:
+                shape = _out_shape(encoder, spec, n_rows) or (n_rows,) + out.shape[1:]
+                array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+            if spec.kind == "tokens" and out.shape[1] < array.shape[1]:  # trimmed text batch: pad back
+                padded = np.zeros((out.shape[0],) + array.shape[1:], dtype=dtype)
+                padded[:, : out.shape[1]] = out
+                out = padded
+            array[lo:hi] = out
+            array.flush()
+            with open(progress_file, "w", encoding="utf-8") as f:
+                json.dump({"meta": meta, "done": hi}, f)
+            bar.update(hi - lo)
+            batches += 1
+            if _stop_after_batches is not None and batches >= _stop_after_batches and hi < n_rows:
+                bar.close()
+                raise KeyboardInterrupt("stopped on request (_stop_after_batches)")
+    bar.close()
+    if array is None:  # zero rows
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=_out_shape(encoder, spec, 0) or (0, 0, 0))
+    del array
+    os.replace(partial, target)
+    os.remove(progress_file)
+    _write_sidecar(target, tokens[lo_all:hi_all], spec, encoder, extra={"shard": list(shard) if shard else None})
+    logger.info(f"wrote {target}")
+    return _maybe_merge(out_path, shard) if shard else target
+
+
+def _write_sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder, extra: Optional[dict] = None) -> dict:
+    arr = np.load(path, mmap_mode="r")
+    settings = spec.settings()
+    if extra:
+        settings.update({k: v for k, v in extra.items() if v is not None})
+    side = ff.make_sidecar(
+        arr.shape,
+        arr.dtype,
+        tokens,
+        modality=spec.modality,
+        kind=spec.kind,
+        encoder=spec.encoder,
+        pooling=spec.pooling,
+        taps=getattr(encoder, "taps", None) if spec.kind == "taps" else None,
+        settings=settings,
+        sha256=ff.file_sha256(path),
+    )
+    ff.write_sidecar(path, side)
+    return side
+
+
+def _shard_path(out_path: str, i: int, n: int) -> str:
+    stem, ext = os.path.splitext(out_path)
+    return f"{stem}.shard-{i}-of-{n}{ext}"
+
+
+def _maybe_merge(out_path: str, shard: tuple[int, int]) -> str:
+    """Merge all shards into ``out_path`` once every shard is complete; else return this shard's path."""
+    _, n = shard
+    paths = [_shard_path(out_path, i, n) for i in range(n)]
+    if not all(os.path.isfile(p) and os.path.isfile(ff.sidecar_path(p)) for p in paths):
+        return _shard_path(out_path, shard[0], n)
+    return merge_shards(out_path, n)
+
+
+def merge_shards(out_path: str, n: int) -> str:
+    paths = [_shard_path(out_path, i, n) for i in range(n)]
+    arrays, sides = zip(*(ff.open_features(p) for p in paths))
+    tokens = [t for s in sides for t in s["tokens"]]
+    shape = (sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:]
+    tmp = os.path.splitext(out_path)[0] + ".merging.npy"
+    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
+    row = 0
+    for a in arrays:
+        merged[row : row + a.shape[0]] = a
+        row += a.shape[0]
+    merged.flush()
+    del merged
+    os.replace(tmp, out_path)
+    side = dict(sides[0])
+    side.update(
+        shape=list(shape),
+        tokens=tokens,
+        sha256=ff.file_sha256(out_path),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    side["settings"] = {k: v for k, v in side.get("settings", {}).items() if k != "shard"}
+    side["settings"]["merged_from_shards"] = n
+    ff.write_sidecar(out_path, side)
+    for p in paths:
+        os.remove(p)
+        os.remove(ff.sidecar_path(p))
+    return out_path
+
+
+def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> ExtractSpec:
+    """An :class:`ExtractSpec` from a run's config keys (``text_encoder``, ``text_pooling``, ...)."""
+
+    def get(key, default=None):
+        return cfg_get(config, key, default)
+
+    if modality == "text":
+        return ExtractSpec(
+            modality="text",
+            encoder=get("text_encoder", "all-MiniLM-L6-v2"),
+            pooling=get("text_pooling", "mean"),
+            kind=kind,
+            taps=taps,
+            max_length=int(get("text_max_length", 32)),
+            text_fields=list(get("text_fields", ["title"])),
+            lowercase=bool(get("text_lowercase", False)),
+            normalize=bool(get("text_normalize", False)),
+        )
+    return ExtractSpec(
+        modality="image",
+        encoder=get("image_encoder", "tf_efficientnet_lite0"),
+        pooling=get("image_pooling", "default"),
+        kind=kind,
+        taps=taps,
+        image_size=int(get("image_size", 224)),
+        image_pretrained=bool(get("image_pretrained", True)),
+        image_weights=get("image_weights"),
+    )
+
+
+def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpec, progress: bool = True) -> str:
+    """Path of the features for ``spec`` in a dataset folder, extracting them first if they are missing.
+
+    An existing file made with other settings (max length, text fields, image size, ...) is an error naming
+    both, instead of silently using the wrong features.
+    """
+    features_dir = cfg_get(config, "features_dir")
+    path = default_feature_path(dataset_dir, spec, features_dir)
+    if os.path.isfile(path):
+        side = ff.read_sidecar(path)
+        want = spec.settings()
+        have = {k: v for k, v in side.get("settings", {}).items() if k in want}
+        diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
+        if side.get("encoder") != spec.encoder:
+            diff["encoder"] = (side.get("encoder"), spec.encoder)
+        if diff:
+            raise ff.FeatureFileError(
+                f"feature file {path} was extracted with other settings (file vs requested: {diff}); delete it, "
+                f"or extract the new settings elsewhere (features_dir / recbole-mm extract --output)"
+            )
+        return path
+    batch_size = int(cfg_get(config, "extract_batch_size", 64))
+    return extract_features(dataset_dir, dataset_name, spec, out_path=path, batch_size=batch_size, progress=progress, config=config)

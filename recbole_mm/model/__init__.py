@@ -1,0 +1,1 @@
+"""Plugin models. Importing this package registers every model (``@register_model``)."""

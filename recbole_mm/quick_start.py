@@ -1,0 +1,160 @@
+"""Entry points with RecBole's signatures and return values: ``run_recbole``, ``objective_function``,
+``load_data_and_model``. They use the plugin's Config, registry and dataset classes, so plugin models, RecBole's
+stock models and models passed as classes all run through them.
+
+Differences from ``recbole.quick_start`` (all additive):
+
+- ``model`` may be a name or a class (RecBole looks a class's name up again and fails outside recbole);
+- ``objective_function`` reports to Ray Tune only inside a Ray session (RecBole logs a stack trace otherwise,
+  RecBole#1741) and returns RecBole 1.2.1's dict with ``"model"``;
+- the result dict of ``run_recbole`` also carries ``"cold_test_result"`` when the model computes cold-item
+  metrics, plus where the log, checkpoint and tensorboard files went (``"log_file"``, ``"checkpoint_file"``,
+  ``"tensorboard_dir"``);
+- checkpoints are loaded with an explicit ``weights_only=False``: they are the user's own (RecBole pickles the
+  Config inside them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from logging import getLogger
+
+import torch
+from recbole.data import data_preparation
+from recbole.data.transform import construct_transform
+from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
+
+from recbole_mm import registry
+from recbole_mm.config import Config
+from recbole_mm.data.utils import create_dataset
+
+
+def _build(config, logger=None, flops: bool = True):
+    dataset = create_dataset(config)
+    if logger:
+        logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model_class = registry.get_model(config["model"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    if logger:
+        logger.info(model)
+        if flops and config["count_flops"] is not False:
+            transform = construct_transform(config)
+            logger.info(set_color("FLOPs", "blue") + f": {get_flops(model, dataset, config['device'], logger, transform)}")
+    trainer = registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    return dataset, train_data, valid_data, test_data, model, trainer
+
+
+def _log_file(logger) -> str | None:
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            return h.baseFilename
+    return None
+
+
+def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
+    r"""Train and test a model on a dataset (RecBole's ``run_recbole``; ``model`` may be a name or a class).
+
+    Returns:
+        dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (RecBole's
+        keys), plus ``model``, ``cold_test_result`` (when the model reports cold-item metrics), ``log_file``,
+        ``checkpoint_file`` and ``tensorboard_dir``.
+    """
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset, train_data, valid_data, test_data, model, trainer = _build(config, logger)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+
+    result = {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "log_file": _log_file(logger),
+        "checkpoint_file": trainer.saved_model_file if saved else None,
+        "tensorboard_dir": getattr(getattr(trainer, "tensorboard", None), "log_dir", None),
+    }
+    for key in ("cold_valid_result", "cold_test_result", "train_loss_history", "valid_score_history"):
+        value = getattr(trainer, key, None)
+        if value is not None:
+            result[key] = value
+    if not config["single_spec"]:
+        torch.distributed.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
+    return result
+
+
+def _in_ray_session() -> bool:
+    """True inside a Ray Tune trial (RecBole reports unconditionally and logs a stack trace outside one)."""
+    if "ray" not in sys.modules:
+        return False
+    try:
+        from ray.air._internal.session import _get_session
+
+        return _get_session(warn=False) is not None
+    except Exception:
+        return False
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    r"""Objective for ``recbole.trainer.HyperTuning`` (RecBole 1.2.1's contract: the dict holds ``"model"``)."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for hdlr in logger.handlers[:]:
+        logger.removeHandler(hdlr)
+    init_logger(config)
+    logging.basicConfig(level=logging.ERROR)
+    _, train_data, valid_data, test_data, model, trainer = _build(config, None)
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
+    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    if _in_ray_session():
+        from ray import tune
+
+        tune.report(**test_result)
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+
+
+def load_data_and_model(model_file):
+    r"""Load a checkpoint written by a run: ``(config, model, dataset, train_data, valid_data, test_data)``.
+
+    The checkpoint is the user's own file (RecBole pickles its Config), so it is loaded with an explicit
+    ``weights_only=False``; do not load checkpoints from untrusted sources.
+    """
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = registry.get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data

@@ -1,0 +1,71 @@
+"""Each shim of recbole_mm.compat has a test that fails without it."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from recbole.config.configurator import Config as RecBoleConfig
+
+from recbole_mm import compat
+from recbole_mm.config import Config
+
+
+def test_numpy_aliases_needed_by_recbole_config(monkeypatch):
+    monkeypatch.delattr(np, "float_")
+    with pytest.raises(AttributeError):
+        RecBoleConfig(model="BPR", dataset="ml-100k", config_dict={"state": "WARNING"})
+    compat.apply_numpy_aliases()
+    cfg = RecBoleConfig(model="BPR", dataset="ml-100k", config_dict={"state": "WARNING"})
+    assert cfg["model"] == "BPR" and np.float_ is np.float64
+
+
+RAY_TENSORBOARD = "import numpy; from ray.tune.logger import tensorboardx"
+
+
+@pytest.mark.parametrize("with_hook", [False, True])
+def test_ray_worker_setup_hook_makes_ray_importable(with_hook):
+    """A Ray worker starts a fresh interpreter: without the hook, ray's logger import fails on numpy 2."""
+    hook = compat.ray_init_kwargs()["runtime_env"]["worker_process_setup_hook"]
+    code = RAY_TENSORBOARD
+    if with_hook:
+        code = f"from {hook.__module__} import {hook.__name__}; {hook.__name__}(); " + code
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    if with_hook:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and "bool8" in proc.stderr
+
+
+def test_ray_init_kwargs_keeps_user_runtime_env():
+    kw = compat.ray_init_kwargs(num_cpus=2, runtime_env={"env_vars": {"A": "1"}})
+    assert kw["num_cpus"] == 2
+    assert kw["runtime_env"]["env_vars"] == {"A": "1"}
+    assert kw["runtime_env"]["worker_process_setup_hook"] is compat.apply_numpy_aliases
+
+
+def test_recbole_checkpoint_needs_trusted_load(tmp_path):
+    """RecBole pickles its Config into checkpoints (protocol 4): torch>=2.6's default load refuses them."""
+    import recbole.trainer.trainer as trainer_module
+
+    cfg = Config(model="BPR", dataset="ml-100k", config_dict={"state": "WARNING"})
+    path = tmp_path / "ckpt.pth"
+    torch.save({"config": cfg, "state_dict": {"w": torch.ones(2)}}, path, pickle_protocol=4)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported operand"):
+        torch.load(path)
+    loaded = trainer_module.torch.load(path)  # what RecBole's trainer calls after recbole_mm is imported
+    assert loaded["config"]["model"] == "BPR"
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    assert trainer_module.torch.nn is torch.nn  # everything else is plain torch
+
+
+def test_ce_sequential_models_get_no_negative_sampling():
+    with pytest.raises(ValueError, match="train_neg_sample_args"):
+        RecBoleConfig(model="SASRec", dataset="ml-100k", config_dict={"state": "WARNING"})
+    cfg = Config(model="SASRec", dataset="ml-100k", config_dict={"state": "WARNING"})
+    assert cfg["train_neg_sample_args"]["distribution"] == "none"
+    # A user's explicit choice is kept (and RecBole's own check still applies).
+    with pytest.raises(ValueError, match="train_neg_sample_args"):
+        Config(model="SASRec", dataset="ml-100k", config_dict={"train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}})
