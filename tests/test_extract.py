@@ -1,0 +1,97 @@
+"""Feature extraction: sidecar provenance, resume gives identical bytes, shards merge, CLI, settings checks."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from recbole_mm.cli import main as cli
+from recbole_mm.data import features as ff
+from recbole_mm.extract import ExtractSpec, catalogue_tokens, extract_features, get_or_extract
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def spec(tiny_bert):
+    return ExtractSpec(modality="text", encoder=tiny_bert, pooling="mean", text_fields=["title", "genres"], max_length=16)
+
+
+def test_sidecar_and_rows(tiny_root, spec, tmp_path):
+    folder = os.path.join(tiny_root, "mm-tiny")
+    path = extract_features(folder, "mm-tiny", spec, out_path=str(tmp_path / "f.npy"), batch_size=32, progress=False)
+    array, side = ff.open_features(path, verify_checksum=True)
+    tokens = catalogue_tokens(folder, "mm-tiny")
+    assert side["tokens"] == tokens and array.shape == (len(tokens), 32)
+    assert side["modality"] == "text" and side["kind"] == "pooled" and side["pooling"] == "mean"
+    assert side["encoder"] == spec.encoder and side["settings"]["max_length"] == 16
+    assert side["settings"]["text_fields"] == ["title", "genres"]
+    # a row equals encoding that item alone (rows are keyed by token, batches do not leak into each other)
+    from recbole_mm.extract import _Inputs, build_encoder
+
+    enc = build_encoder(spec).eval()
+    inputs = _Inputs(spec, enc, folder, "mm-tiny", tokens, None)
+    import torch
+
+    with torch.no_grad():
+        one = enc(*inputs.batch(5, 6)).numpy()
+    assert np.allclose(array[5], one[0], atol=1e-5)
+
+
+def test_interrupted_extraction_resumes_byte_identical(tiny_root, spec, tmp_path):
+    folder = os.path.join(tiny_root, "mm-tiny")
+    ref = extract_features(folder, "mm-tiny", spec, out_path=str(tmp_path / "ref.npy"), batch_size=16, progress=False)
+    out = str(tmp_path / "resumed.npy")
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, progress=False, _stop_after_batches=3)
+    assert not os.path.exists(out) and os.path.exists(str(tmp_path / "resumed.partial.npy"))
+    progress = json.load(open(tmp_path / "resumed.progress.json"))
+    assert progress["done"] == 48
+    extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, progress=False)
+    assert _sha(out) == _sha(ref)
+    assert not os.path.exists(str(tmp_path / "resumed.partial.npy"))
+
+
+def test_shards_merge_into_one_file(tiny_root, spec, tmp_path):
+    folder = os.path.join(tiny_root, "mm-tiny")
+    ref = extract_features(folder, "mm-tiny", spec, out_path=str(tmp_path / "ref.npy"), batch_size=16, progress=False)
+    out = str(tmp_path / "sharded.npy")
+    first = extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, shard=(1, 3), progress=False)
+    assert first.endswith("sharded.shard-1-of-3.npy") and not os.path.exists(out)
+    extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, shard=(0, 3), progress=False)
+    merged = extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, shard=(2, 3), progress=False)
+    assert merged == out
+    a, side_a = ff.open_features(ref)
+    b, side_b = ff.open_features(out, verify_checksum=True)
+    assert side_a["tokens"] == side_b["tokens"]
+    assert np.allclose(a, b, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["ref.json", "ref.npy", "sharded.json", "sharded.npy"]
+
+
+def test_cli_extract_image_taps_and_tokens(tiny_root, capsys):
+    args = ["extract", "--dataset", "mm-tiny", "--data-path", tiny_root, "--modality", "image", "--encoder", "test_vit",
+            "--image-size", "32", "--pooling", "cls", "--taps", "0,2", "--batch-size", "64", "--no-progress",
+            "image_pretrained=false"]
+    assert cli(args) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    array, side = ff.open_features(path)
+    assert path.endswith(os.path.join("features", "test_vit", "image-cls-taps0_2.npy"))
+    assert array.shape[1:] == (2, 64) and side["kind"] == "taps" and side["taps"] == [0, 2]
+    assert cli(args[:-2] + ["--tokens", "--no-progress", "image_pretrained=false"]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    array, side = ff.open_features(path)
+    assert side["kind"] == "tokens" and array.shape[1:] == (5, 64)  # CLS + 2x2 patches of 16px
+
+
+def test_get_or_extract_refuses_other_settings(tiny_root, spec, tmp_path):
+    folder = os.path.join(tiny_root, "mm-tiny")
+    config = {"features_dir": str(tmp_path / "feats")}
+    path = get_or_extract(config, folder, "mm-tiny", spec, progress=False)
+    assert get_or_extract(config, folder, "mm-tiny", spec, progress=False) == path  # reused
+    other = ExtractSpec(**{**spec.__dict__, "max_length": 8})
+    with pytest.raises(ff.FeatureFileError, match="other settings.*max_length"):
+        get_or_extract(config, folder, "mm-tiny", other, progress=False)
