@@ -49,11 +49,26 @@ class ExtractSpec:
     dtype: str = "float32"
 
     def stem(self) -> str:
+        """File stem naming everything that changes the vectors, e.g. ``text-mean-len32-title_genres``."""
         parts = [self.modality, self.pooling]
         if self.kind == "taps":
             parts.append("taps" if self.taps is None else "taps" + "_".join(map(str, self.taps)))
         elif self.kind == "tokens":
             parts.append("tokens")
+        if self.modality == "text":
+            parts.append(f"len{self.max_length}")
+            parts.append("_".join(self.text_fields))
+            parts += [flag for flag, on in (("lower", self.lowercase), ("norm", self.normalize)) if on]
+        else:
+            parts.append(f"{self.image_size}px")
+            if not self.image_pretrained:
+                parts.append("random")
+            elif self.image_weights:
+                import hashlib
+
+                parts.append("w" + hashlib.sha1(os.path.abspath(self.image_weights).encode()).hexdigest()[:8])
+        if self.dtype != "float32":
+            parts.append(self.dtype)
         return "-".join(parts)
 
     def settings(self) -> dict:

@@ -179,7 +179,9 @@ def get_model(model_name) -> type:
 
 
 def get_trainer(model_type, model_name) -> type:
-    """Trainer class: the model's ``trainer_class`` attribute, else RecBole's choice for the model."""
+    """Trainer class: the model's ``trainer_class`` attribute, else RecBole's choice for the model; where
+    RecBole would use its generic ``Trainer``, :class:`~recbole_mm.trainer.MMTrainer` (the same loop plus
+    cold-item metrics and metering)."""
     from recbole.utils.utils import get_trainer as recbole_get_trainer
 
     try:
@@ -189,7 +191,15 @@ def get_trainer(model_type, model_name) -> type:
     trainer_cls = getattr(model_cls, "trainer_class", None)
     if trainer_cls is not None:
         return trainer_cls
-    return _ORIGINALS.get("get_trainer", recbole_get_trainer)(model_type, model_name if isinstance(model_name, str) else model_name.__name__)
+    name = model_name if isinstance(model_name, str) else model_name.__name__
+    chosen = _ORIGINALS.get("get_trainer", recbole_get_trainer)(model_type, name)
+    from recbole.trainer import Trainer
+
+    if chosen is Trainer:  # RecBole's generic loop: use the superset with cold-item metrics and metering
+        from recbole_mm.trainer import MMTrainer
+
+        return MMTrainer
+    return chosen
 
 
 def get_dataset_class(config) -> type:

@@ -79,7 +79,7 @@ def test_cli_extract_image_taps_and_tokens(tiny_root, capsys):
     assert cli(args) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
     array, side = ff.open_features(path)
-    assert path.endswith(os.path.join("features", "test_vit", "image-cls-taps0_2.npy"))
+    assert path.endswith(os.path.join("features", "test_vit", "image-cls-taps0_2-32px-random.npy"))
     assert array.shape[1:] == (2, 64) and side["kind"] == "taps" and side["taps"] == [0, 2]
     assert cli(args[:-2] + ["--tokens", "--no-progress", "image_pretrained=false"]) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
@@ -87,11 +87,17 @@ def test_cli_extract_image_taps_and_tokens(tiny_root, capsys):
     assert side["kind"] == "tokens" and array.shape[1:] == (5, 64)  # CLS + 2x2 patches of 16px
 
 
-def test_get_or_extract_refuses_other_settings(tiny_root, spec, tmp_path):
+def test_get_or_extract_reuses_and_checks_settings(tiny_root, spec, tmp_path):
     folder = os.path.join(tiny_root, "mm-tiny")
     config = {"features_dir": str(tmp_path / "feats")}
     path = get_or_extract(config, folder, "mm-tiny", spec, progress=False)
+    assert path.endswith("text-mean-len16-title_genres.npy")
     assert get_or_extract(config, folder, "mm-tiny", spec, progress=False) == path  # reused
-    other = ExtractSpec(**{**spec.__dict__, "max_length": 8})
+    other = ExtractSpec(**{**spec.__dict__, "max_length": 8, "lowercase": True})
+    other_path = get_or_extract(config, folder, "mm-tiny", other, progress=False)
+    assert other_path.endswith("text-mean-len8-title_genres-lower.npy") and os.path.exists(path)  # both kept
+    side = json.load(open(ff.sidecar_path(path)))
+    side["settings"]["max_length"] = 64  # a file whose sidecar disagrees with its name
+    ff.write_sidecar(path, side)
     with pytest.raises(ff.FeatureFileError, match="other settings.*max_length"):
-        get_or_extract(config, folder, "mm-tiny", other, progress=False)
+        get_or_extract(config, folder, "mm-tiny", spec, progress=False)

@@ -7,7 +7,15 @@ What they add to RecBole's classes (nothing else changes):
 - ``keep_last_n`` (int, default ``None``): keep only each user's last N interactions (by time) before
   splitting, as the seed papers do with N = L + 3; items that then have no interaction leave the catalogue;
 - :attr:`item_content`: the item text / images / frozen features of :mod:`recbole_mm.data.content`, aligned
-  once to RecBole's internal item ids.
+  once to RecBole's internal item ids;
+- (sequential) ``train_item_counts`` on every split: interactions per item in the training split (for logQ
+  corrections and cold-item metrics);
+- (sequential) the seed papers' all-position training data: when the model class has
+  ``supports_all_position`` and ``seq_mode: all_position``, the training split keeps one example per window of
+  ``L + 1`` items (``L = MAX_ITEM_LIST_LENGTH``): for each user, the prefix examples whose target is the
+  user's last training item, the one ``L`` before it, and so on. Each example is then trained at every
+  position, so every training target is predicted exactly once per epoch, with up to ``L`` items of history
+  (with ``keep_last_n: L + 3`` this is exactly the originals' one example per user).
 """
 
 from __future__ import annotations
@@ -80,7 +88,64 @@ class MMDataset(MMDatasetMixin, Dataset):
 
 
 class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
-    """RecBole ``SequentialDataset`` with item content (sequential models)."""
+    """RecBole ``SequentialDataset`` with item content, training counts and all-position windows."""
+
+    def build(self):
+        datasets = super().build()
+        train = datasets[0]
+        counts = _count_training_items(train)
+        if _all_position(self.config):
+            train = train.copy(train.inter_feat[_window_ends(train)])
+            datasets = [train] + list(datasets[1:])
+        for d in datasets:
+            d.train_item_counts = counts
+        return datasets
+
+
+def _all_position(config) -> bool:
+    from recbole_mm.registry import get_model
+
+    if (config["seq_mode"] or "prefix") != "all_position":
+        return False
+    model_cls = get_model(config["model"])
+    if not getattr(model_cls, "supports_all_position", False):
+        raise ValueError(f"seq_mode: all_position needs a model that trains at every position; {config['model']} "
+                         f"does not (use seq_mode: prefix)")
+    return True
+
+
+def _count_training_items(train) -> np.ndarray:
+    """Interactions per item in a sequential training split: each example's target, plus each user's first
+    item (the history of the examples with one history item)."""
+    iid = train.iid_field
+    n = train.item_num
+    targets = train.inter_feat[iid].numpy()
+    seq = train.inter_feat[train.item_id_list_field].numpy()
+    length = train.inter_feat[train.item_list_length_field].numpy()
+    firsts = seq[length == 1, 0]
+    return np.bincount(targets, minlength=n) + np.bincount(firsts, minlength=n)
+
+
+def _window_ends(train) -> np.ndarray:
+    """Boolean row mask: the prefix examples that end a window of L + 1 items (counted from each user's end)."""
+    import pandas as pd
+
+    users = train.inter_feat[train.uid_field].numpy()
+    if train.time_field in train.inter_feat:
+        times = train.inter_feat[train.time_field].numpy()
+        order = np.lexsort((np.arange(len(users)), times, users))
+    else:
+        order = np.arange(len(users))
+    ranks = pd.Series(users[order]).groupby(users[order]).cumcount(ascending=False).to_numpy()
+    keep = np.zeros(len(users), dtype=bool)
+    keep[order] = ranks % train.max_item_list_len == 0
+    return keep
+
+
+def train_item_counts(dataset) -> np.ndarray:
+    """``train_item_counts`` of a split made by :class:`MMSequentialDataset`, else counted from its rows."""
+    counts = getattr(dataset, "train_item_counts", None)
+    return counts if counts is not None else _count_training_items(dataset)
 
 
 def dataset_folder_exists(config) -> bool:

@@ -75,7 +75,9 @@ def make_sidecar(
     taps: Optional[Sequence[int]] = None,
     settings: Optional[dict] = None,
     sha256: Optional[str] = None,
+    created: Optional[str] = "now",
 ) -> dict:
+    """The sidecar dict. ``created``: ISO time, ``"now"`` (default) or ``None`` (reproducible files)."""
     from recbole_mm import __version__
 
     if kind not in KINDS:
@@ -97,7 +99,7 @@ def make_sidecar(
         "tokens": [str(t) for t in tokens],
         "sha256": sha256,
         "settings": settings or {},
-        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat() if created == "now" else created,
         "recbole_mm_version": __version__,
     }
 
@@ -109,7 +111,7 @@ def write_sidecar(npy_path: str, sidecar: dict) -> None:
 def write_features(npy_path: str, array: np.ndarray, tokens: Sequence[str], **meta) -> dict:
     """Write ``array`` (rows keyed by ``tokens``) and its sidecar atomically. Returns the sidecar dict.
 
-    ``meta``: modality, kind, encoder, pooling, taps, settings (see :func:`make_sidecar`).
+    ``meta``: modality, kind, encoder, pooling, taps, settings, created (see :func:`make_sidecar`).
     """
     array = np.ascontiguousarray(array)
     if len(set(map(str, tokens))) != len(tokens):

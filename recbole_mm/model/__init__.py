@@ -1,1 +1,3 @@
 """Plugin models. Importing this package registers every model (``@register_model``)."""
+
+from recbole_mm.model import sequential_recommender  # noqa: F401

@@ -1,0 +1,50 @@
+"""Shared by the benchmark scripts: machine description and section replacement in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            kb = int(f.readline().split()[1])
+            mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    import torch
+
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}){mem}, no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}; {datetime.date.today().isoformat()}"
+    )
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or append) the section ``## title`` of docs/benchmarks.md."""
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    text = open(DOC, encoding="utf-8").read() if os.path.isfile(DOC) else "# Benchmarks\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(DOC, "w", encoding="utf-8") as f:
+        f.write(text.rstrip("\n") + "\n")

@@ -1,0 +1,1 @@
+"""Shared layers: sequence encoders (the seed papers' SASRec block), item towers, fusion."""

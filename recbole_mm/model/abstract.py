@@ -1,0 +1,193 @@
+"""``MMSequentialRecommender``: the base of the multimodal sequential models (MoRec, PMMRec, IISAN, ODMT).
+
+A subclass builds ``self.item_tower`` (item ids -> ``[n, D]``) and ``self.seq_encoder`` (item vectors and
+lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the rest:
+
+- each unique item of a batch goes through the item tower once (:meth:`encode_items`);
+- evaluation: the whole item matrix is computed once per evaluation pass (no grad, chunks of
+  ``item_matrix_batch_size``, progress bar when ``show_progress``), reused by every ``full_sort_predict`` /
+  ``predict`` batch, and dropped when training resumes (``train()``). ``items_encoded_eval`` counts the item
+  tower's rows in eval mode, so one evaluation pass adds exactly ``n_items``;
+- sequence modes (``seq_mode``): ``all_position`` (the seed papers: one example per window of ``L + 1`` items,
+  a loss at every position; see :class:`~recbole_mm.data.dataset.MMSequentialDataset`) or ``prefix``
+  (RecBole's augmentation: a loss at the last position of each prefix);
+- losses (``loss``): ``inbatch`` (softmax over the batch's items, logQ-corrected with training-split counts,
+  same-user items masked), ``bce`` (one uniform negative per position, outside the user's sequence), ``ce``
+  (softmax over all items: only when the item tower is cheap, i.e. cached features);
+- parameter groups (:meth:`optimizer_groups`): encoder parameters get ``encoder_learning_rate`` /
+  ``encoder_weight_decay``, the rest ``learning_rate`` / ``weight_decay``.
+"""
+
+from __future__ import annotations
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_mm.data.dataset import MMSequentialDataset, train_item_counts
+from recbole_mm.model import losses
+from recbole_mm.trainer import MMTrainer
+from recbole_mm.utils import cfg_get
+
+SEQ_MODES = ("all_position", "prefix")
+LOSSES = ("inbatch", "bce", "ce")
+
+
+class MMSequentialRecommender(SequentialRecommender):
+    """Base class (module docstring). Subclasses set ``item_tower`` and ``seq_encoder``."""
+
+    input_type = InputType.POINTWISE
+    dataset_class = MMSequentialDataset
+    trainer_class = MMTrainer
+    supports_all_position = True
+    expensive_item_tower = True  # False: item vectors are cheap (cached features) and "ce" is allowed
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.content = dataset.item_content
+        self.seq_mode = cfg_get(config, "seq_mode", "all_position")
+        self.loss_name = cfg_get(config, "loss", "inbatch")
+        if self.seq_mode not in SEQ_MODES:
+            raise ValueError(f"seq_mode must be one of {SEQ_MODES}, got {self.seq_mode!r}")
+        if self.loss_name not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss_name!r}")
+        self.item_matrix_batch_size = int(cfg_get(config, "item_matrix_batch_size", 256))
+        self.show_progress = bool(cfg_get(config, "show_progress", False))
+        counts = torch.as_tensor(train_item_counts(dataset), dtype=torch.float64).clamp(min=1.0)
+        self.register_buffer("log_pop", (counts / counts.sum()).log().float(), persistent=False)
+        self.items_encoded_train = 0
+        self.items_encoded_eval = 0
+        self._item_matrix = None
+
+    # ------------------------------------------------------------------ items
+    def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors for ``ids`` (any shape) -> ``ids.shape + (D,)``; each unique id is encoded once."""
+        flat = ids.reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        vecs = self.item_tower(uniq)
+        self._count(len(uniq))
+        return vecs[inverse].view(*ids.shape, -1)
+
+    def _count(self, n: int) -> None:
+        if self.training:
+            self.items_encoded_train += n
+        else:
+            self.items_encoded_eval += n
+
+    def item_matrix(self) -> torch.Tensor:
+        """``[n_items, D]`` for every item (row 0 = padding, zeros); cached while not training."""
+        if self._item_matrix is not None and not self.training:
+            return self._item_matrix
+        ids = torch.arange(self.n_items, device=self.log_pop.device)
+        chunks = ids.split(self.item_matrix_batch_size)
+        if self.show_progress and not self.training:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="item matrix", unit="chunk", leave=False)
+        grad = torch.enable_grad() if self.training else torch.no_grad()
+        with grad:
+            parts = []
+            for chunk in chunks:
+                parts.append(self.item_tower(chunk))
+                self._count(len(chunk))
+            matrix = torch.cat(parts, 0)
+        matrix = torch.cat([torch.zeros_like(matrix[:1]), matrix[1:]], 0)
+        if not self.training:
+            self._item_matrix = matrix
+        return matrix
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._item_matrix = None  # parameters will change: the cached matrix is stale
+        return super().train(mode)
+
+    # --------------------------------------------------------------- batches
+    def sequence_targets(self, interaction):
+        """``(inputs [B, L], lengths [B], targets [B, L], seq_items [B, L + 1])`` for the current ``seq_mode``."""
+        seq = interaction[self.ITEM_SEQ]
+        lengths = interaction[self.ITEM_SEQ_LEN]
+        pos = interaction[self.POS_ITEM_ID]
+        b, length = seq.shape
+        rows = torch.arange(b, device=seq.device)
+        full = torch.cat([seq, torch.zeros_like(seq[:, :1])], 1)
+        full[rows, lengths] = pos  # the whole window: history then the target
+        if self.seq_mode == "all_position":
+            targets = full[:, 1:].clone()  # position t predicts item t + 1
+        else:
+            targets = torch.zeros_like(seq)
+            targets[rows, lengths - 1] = pos
+        return seq, lengths, targets, full
+
+    def user_states(self, seq: torch.Tensor, lengths: torch.Tensor, seq_vecs: torch.Tensor) -> torch.Tensor:
+        return self.seq_encoder(seq_vecs * (seq > 0).unsqueeze(-1).to(seq_vecs.dtype), lengths)
+
+    def calculate_loss(self, interaction):
+        seq, lengths, targets, full = self.sequence_targets(interaction)
+        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        if self.loss_name == "bce":
+            negatives = losses.sample_negatives(full, self.n_items, seq.shape[1])
+            all_ids = torch.cat([full, negatives], 1)
+        else:
+            all_ids = full
+        uniq, inverse = torch.unique(all_ids, return_inverse=True)
+        uniq_vecs = self.item_tower(uniq)
+        self._count(len(uniq))
+        vecs = uniq_vecs[inverse]
+        states = self.user_states(seq, lengths, vecs[:, : seq.shape[1]])
+        valid = targets > 0
+        if self.loss_name == "inbatch":
+            keep = uniq > 0
+            return losses.inbatch_softmax_loss(
+                states, targets, uniq[keep], uniq_vecs[keep], full, users, self.log_pop[uniq[keep]]
+            )
+        if self.loss_name == "bce":
+            target_vecs = vecs[:, 1 : seq.shape[1] + 1]
+            neg_vecs = vecs[:, seq.shape[1] + 1 :]
+            return losses.bce_loss(states[valid], target_vecs[valid], neg_vecs[valid])
+        if self.expensive_item_tower:
+            raise ValueError(f"{type(self).__name__}: loss 'ce' needs every item vector at every step; use cached "
+                             "features (two-stage) or the inbatch / bce losses")
+        return losses.full_softmax_loss(states, targets, self.item_matrix())
+
+    # ------------------------------------------------------------- inference
+    def user_vector(self, interaction) -> torch.Tensor:
+        seq = interaction[self.ITEM_SEQ]
+        lengths = interaction[self.ITEM_SEQ_LEN]
+        matrix = self.item_matrix()
+        states = self.user_states(seq, lengths, matrix[seq])
+        return self.gather_indexes(states, lengths - 1)
+
+    def full_sort_predict(self, interaction):
+        return self.user_vector(interaction) @ self.item_matrix().t()
+
+    def predict(self, interaction):
+        user = self.user_vector(interaction)
+        return (user * self.item_matrix()[interaction[self.ITEM_ID]]).sum(-1)
+
+    # ------------------------------------------------------------- optimizer
+    def encoder_parameter_names(self) -> set:
+        """Names of parameters that belong to pretrained encoders (their own learning-rate group)."""
+        from recbole_mm.encoders import ImageEncoder, TextEncoder
+
+        names = set()
+        for prefix, module in self.named_modules():
+            if isinstance(module, (TextEncoder, ImageEncoder)):
+                names |= {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+        return names
+
+    def optimizer_groups(self, config) -> list:
+        enc_names = self.encoder_parameter_names()
+        enc, rest = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (enc if name in enc_names else rest).append(p)
+        lr, wd = config["learning_rate"], config["weight_decay"] or 0.0
+        groups = [{"name": "model", "params": rest, "lr": lr, "weight_decay": wd}]
+        if enc:
+            groups.append({
+                "name": "encoder",
+                "params": enc,
+                "lr": cfg_get(config, "encoder_learning_rate", lr),
+                "weight_decay": cfg_get(config, "encoder_weight_decay", wd),
+            })
+        return [g for g in groups if g["params"]]

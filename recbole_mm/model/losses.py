@@ -1,0 +1,97 @@
+"""Losses shared by the multimodal sequential models (specs/models.md §1.3-1.4), all positions at once.
+
+Shapes: ``B`` examples, ``L`` positions, ``D`` dimensions, ``C`` candidate items. ``target_ids[b, t]`` is the
+item to predict from position ``t`` (0 = no loss at this position).
+
+- :func:`inbatch_softmax_loss`: softmax over the batch's items with logQ popularity correction (Yi et al.,
+  RecSys 2019) and masking of the user's own other items (false negatives), vectorised (no loop over users).
+- :func:`bce_loss`: one-negative binary cross-entropy, ``mean BCE(pos, 1) + mean BCE(neg, 0)``.
+- :func:`sample_negatives`: uniform negatives outside each example's own sequence.
+- :func:`full_softmax_loss`: softmax over every item (only where item vectors are cheap: cached features).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+MASK_VALUE = -1e4
+
+
+def inbatch_softmax_loss(
+    user_vecs: torch.Tensor,
+    target_ids: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_vecs: torch.Tensor,
+    example_items: torch.Tensor,
+    example_users: Optional[torch.Tensor] = None,
+    log_pop: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """In-batch softmax over unique candidates with logQ correction and same-user masking.
+
+    Args:
+        user_vecs: ``[B, L, D]`` user state at every position.
+        target_ids: ``[B, L]`` next item per position, 0 where there is none.
+        cand_ids: ``[C]`` unique item ids of the batch (every target must be among them).
+        cand_vecs: ``[C, D]`` their vectors.
+        example_items: ``[B, S]`` all item ids of each example's sequence (0 = padding).
+        example_users: ``[B]`` user of each example; items of other examples of the same user are masked as
+            well (a user may appear in several windows of one batch). ``None``: own example only.
+        log_pop: ``[C]`` ``log p(item)`` from training-split counts, subtracted from the logits.
+
+    For the row of example ``b`` at position ``t``, every candidate that occurs in ``b``'s user's sequence(s) is
+    masked except the target itself; the label is the target's candidate column. Mean over positions with a
+    target. Candidates are unique items (the originals use one column per batch slot, so an item present in
+    several sequences appears several times; here it is one column).
+    """
+    logits = torch.einsum("bld,cd->blc", user_vecs, cand_vecs)
+    if log_pop is not None:
+        logits = logits - log_pop.to(logits.dtype)[None, None, :]
+    own = (example_items[:, :, None] == cand_ids[None, None, :]).any(1)  # [B, C]
+    if example_users is not None:
+        same_user = (example_users[:, None] == example_users[None, :]).to(logits.dtype)
+        own = (same_user @ own.to(logits.dtype)) > 0
+    is_target = target_ids[:, :, None] == cand_ids[None, None, :]  # [B, L, C]
+    logits = logits.masked_fill(own[:, None, :] & ~is_target, MASK_VALUE)
+    valid = target_ids > 0
+    if not torch.all(is_target.any(-1)[valid]):
+        raise ValueError("every target id must be one of the candidates")
+    labels = is_target.to(torch.int8).argmax(-1)
+    return F.cross_entropy(logits[valid], labels[valid])
+
+
+def bce_loss(user_vecs: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor) -> torch.Tensor:
+    """``mean BCE(u.p, 1) + mean BCE(u.n, 0)`` over rows of ``[N, D]`` (two separate means, summed)."""
+    pos = (user_vecs * pos_vecs).sum(-1)
+    neg = (user_vecs * neg_vecs).sum(-1)
+    return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
+        neg, torch.zeros_like(neg)
+    )
+
+
+def sample_negatives(
+    example_items: torch.Tensor, n_items: int, n_per_example: int, generator: Optional[torch.Generator] = None,
+    max_tries: int = 20,
+) -> torch.Tensor:
+    """``[B, n_per_example]`` item ids drawn uniformly from ``1 .. n_items - 1``, redrawn while they occur in the
+    example's own sequence (up to ``max_tries`` rounds, vectorised)."""
+    b = example_items.shape[0]
+    device = example_items.device
+    neg = torch.randint(1, n_items, (b, n_per_example), generator=generator, device=device)
+    for _ in range(max_tries):
+        clash = (neg[:, :, None] == example_items[:, None, :]).any(-1)
+        if not clash.any():
+            break
+        redraw = torch.randint(1, n_items, (int(clash.sum()),), generator=generator, device=device)
+        neg = neg.masked_scatter(clash, redraw)
+    return neg
+
+
+def full_softmax_loss(user_vecs: torch.Tensor, target_ids: torch.Tensor, item_matrix: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over all items (column 0, padding, excluded) at positions with a target."""
+    valid = target_ids > 0
+    logits = user_vecs[valid] @ item_matrix.t()
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, target_ids[valid])

@@ -1,0 +1,5 @@
+"""Multimodal sequential models (one model per file; the file is named after the model)."""
+
+from recbole_mm.model.sequential_recommender.morec import MoRec
+
+__all__ = ["MoRec"]
