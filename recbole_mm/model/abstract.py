@@ -6,7 +6,8 @@ lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the re
 - each unique item of a batch goes through the item tower once (:meth:`encode_items`);
 - evaluation: the whole item matrix is computed once per evaluation pass (no grad, chunks of
   ``item_matrix_batch_size``, progress bar when ``show_progress``), reused by every ``full_sort_predict`` /
-  ``predict`` batch, and dropped when training resumes (``train()``). ``items_encoded_eval`` counts the item
+  ``predict`` batch of the pass, and dropped when training resumes (``train()``), when weights are loaded
+  (``load_state_dict``) and when the next evaluation pass starts (:class:`~recbole_mm.trainer.MMTrainer`). ``items_encoded_eval`` counts the item
   tower's rows in eval mode, so one evaluation pass adds exactly ``n_items``;
 - sequence modes (``seq_mode``): ``all_position`` (the seed papers: one example per window of ``L + 1`` items,
   a loss at every position; see :class:`~recbole_mm.data.dataset.MMSequentialDataset`) or ``prefix``
@@ -96,10 +97,17 @@ class MMSequentialRecommender(SequentialRecommender):
             self._item_matrix = matrix
         return matrix
 
+    def invalidate_item_matrix(self) -> None:
+        self._item_matrix = None
+
     def train(self, mode: bool = True):
         if mode:
-            self._item_matrix = None  # parameters will change: the cached matrix is stale
+            self.invalidate_item_matrix()  # parameters will change: the cached matrix is stale
         return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.invalidate_item_matrix()  # e.g. the best checkpoint loaded before the test evaluation
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --------------------------------------------------------------- batches
     def sequence_targets(self, interaction):

@@ -119,6 +119,9 @@ class MMTrainer(Trainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and self.eval_collector.cold_items is None and self.cold_item_threshold is not None:
             self._set_cold_items(eval_data._dataset)  # evaluation without fit (e.g. a loaded checkpoint)
+        invalidate = getattr(self.model, "invalidate_item_matrix", None)
+        if invalidate is not None:
+            invalidate()  # one item matrix per evaluation pass
         start = time.perf_counter()
         result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
                                   show_progress=show_progress)
