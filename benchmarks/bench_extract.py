@@ -51,7 +51,7 @@ def main() -> int:
     folder = embedded_dataset_dir("ml-100k-mm")
     if not os.path.isfile(os.path.join(folder, "ml-100k-mm.inter")):
         build_embedded("ml-100k-mm", folder)
-    tokens = ex.catalogue_tokens(folder, "ml-100k-mm")
+    tokens = ex.catalogue_tokens(folder, "ml-100k-mm")  # every item of the folder
     n = len(tokens)
     t0 = time.perf_counter()
     ItemContent(["[PAD]"] + tokens, folder, "ml-100k-mm", {"image_size": 224}).image_rows(224)

@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 DEFAULT_DATASET = "ml-100k-mm"
-DEFAULT_MODEL = "SASRec"
+DEFAULT_MODEL = "MoRec"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -171,13 +171,14 @@ def cmd_tune(args) -> int:
 
 # ----------------------------------------------------------------------- extract
 def _dataset_config(args, extra: Optional[dict] = None):
-    """Config of a dataset (any model works; SASRec is used) to resolve its folder and yaml keys."""
+    """Config of the dataset with ``args.model`` (if the command has one): folder, yaml keys, encoder keys."""
     from recbole_mm.config import Config
 
     cfg = {"data_path": args.data_path} if args.data_path else {}
     cfg.update(extra or {})
     with _plain_argv():
-        return Config(model="SASRec", dataset=args.dataset, config_file_list=args.config_files or None, config_dict=cfg)
+        return Config(model=getattr(args, "model", None) or "SASRec", dataset=args.dataset,
+                      config_file_list=args.config_files or None, config_dict=cfg)
 
 
 def _parse_taps(value: Optional[str]):
@@ -268,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbole-mm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,tune,extract,convert,models,info}")
 
-    def common(sp, with_model=True):
+    def common(sp, with_model=True, model_help="model name"):
         if with_model:
-            sp.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+            sp.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
         sp.add_argument("--dataset", "-d", default=DEFAULT_DATASET, help=f"dataset name (default {DEFAULT_DATASET})")
         sp.add_argument("--config-files", "-c", nargs="+", default=[], metavar="YAML", help="config files, in order")
 
@@ -295,8 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("extract", help="extract frozen encoder features for every item",
-                       description="Extract frozen features (resumable, shardable) into <dataset>/features/<encoder>/.")
-    common(e, with_model=False)
+                       description="Extract frozen features (resumable, shardable) into <dataset>/features/<encoder>/. "
+                                   "Encoder settings not given here come from the model's config (--model), so the "
+                                   "file is the one that model reads.")
+    common(e, model_help="model whose encoder settings apply")
     e.add_argument("--data-path", help="folder holding <dataset>/ (default: config data_path)")
     e.add_argument("--modality", required=True, choices=["text", "image"])
     e.add_argument("--encoder", help="HF id / local folder (text, image) or timm name (image); default from config")
@@ -336,7 +339,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "convert":
         return cmd_convert(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    for extra in unknown:  # key=value (or --key=value) after options: more overrides
+        if "=" in extra and hasattr(args, "overrides"):
+            args.overrides.append(extra)
+        else:
+            parser.error(f"unrecognized argument {extra!r}")
     import torch
 
     if os.environ.get("RECBOLE_MM_THREADS"):

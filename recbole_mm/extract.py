@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from recbole_mm.data import features as ff
+from recbole_mm.data.content import catalogue_tokens
 from recbole_mm.utils import cfg_get
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class ExtractSpec:
     image_size: int = 224  # image
     image_pretrained: bool = True  # image
     image_weights: Optional[str] = None  # image
+    image_mean: Optional[list] = None  # image: normalisation (None: the encoder's own)
+    image_std: Optional[list] = None  # image
     dtype: str = "float32"
 
     def stem(self) -> str:
@@ -64,9 +68,9 @@ class ExtractSpec:
             if not self.image_pretrained:
                 parts.append("random")
             elif self.image_weights:
-                import hashlib
-
-                parts.append("w" + hashlib.sha1(os.path.abspath(self.image_weights).encode()).hexdigest()[:8])
+                parts.append("w" + _short_hash(os.path.abspath(self.image_weights)))
+            if self.image_mean is not None or self.image_std is not None:
+                parts.append("n" + _short_hash(f"{self.image_mean}|{self.image_std}"))
         if self.dtype != "float32":
             parts.append(self.dtype)
         return "-".join(parts)
@@ -76,7 +80,7 @@ class ExtractSpec:
         for k in ("modality", "encoder", "pooling", "kind", "taps"):
             s.pop(k)
         if self.modality == "text":
-            for k in ("image_size", "image_pretrained", "image_weights"):
+            for k in ("image_size", "image_pretrained", "image_weights", "image_mean", "image_std"):
                 s.pop(k)
         else:
             for k in ("max_length", "text_fields", "lowercase", "normalize"):
@@ -84,24 +88,17 @@ class ExtractSpec:
         return s
 
 
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def default_feature_path(dataset_dir: str, spec: ExtractSpec, features_dir: Optional[str] = None) -> str:
     from recbole_mm.encoders.hub import slug
 
     root = features_dir or os.path.join(dataset_dir, "features")
     return os.path.join(root, slug(spec.encoder), spec.stem() + ".npy")
-
-
-def catalogue_tokens(dataset_dir: str, dataset_name: str, item_field: str = "item_id") -> list[str]:
-    """Every item token of a dataset folder, sorted."""
-    from recbole_mm.data.content import read_item_table
-
-    item_path = os.path.join(dataset_dir, f"{dataset_name}.item")
-    if os.path.isfile(item_path):
-        return sorted(set(read_item_table(item_path, [item_field])[item_field].tolist()))
-    inter_path = os.path.join(dataset_dir, f"{dataset_name}.inter")
-    if not os.path.isfile(inter_path):
-        raise FileNotFoundError(f"neither {item_path} nor {inter_path} exists")
-    return sorted(set(read_item_table(inter_path, [item_field])[item_field].tolist()))
 
 
 def build_encoder(spec: ExtractSpec):
@@ -121,6 +118,8 @@ def build_encoder(spec: ExtractSpec):
             pooling=spec.pooling,
             output=output,
             taps=spec.taps,
+            mean=spec.image_mean,
+            std=spec.image_std,
         )
     raise ValueError(f"modality must be text or image, got {spec.modality!r}")
 
@@ -131,48 +130,46 @@ class _Inputs:
     def __init__(self, spec: ExtractSpec, encoder, dataset_dir: str, dataset_name: str, tokens: Sequence[str], config):
         self.spec = spec
         self.tokens = list(tokens)
-        if spec.modality == "text":
-            from recbole_mm.data.content import read_item_table
+        from recbole_mm.data.content import ItemContent
 
-            path = os.path.join(dataset_dir, f"{dataset_name}.item")
-            item_field = cfg_get(config, "ITEM_ID_FIELD", "item_id")
-            table = read_item_table(path, [item_field] + list(spec.text_fields)).drop_duplicates(item_field)
-            text = table[spec.text_fields[0]]
-            for f in spec.text_fields[1:]:
-                text = text.str.cat(table[f], sep=" ").str.strip()
-            by_token = dict(zip(table[item_field], text))
-            missing = [t for t in self.tokens if t not in by_token]
-            if missing:
-                raise ff.FeatureFileError(f"item file {path} has no text for token {missing[0]!r}")
-            texts = [by_token[t] for t in self.tokens]
+        content = ItemContent(["[PAD]"] + self.tokens, dataset_dir, dataset_name, config or {"image_size": spec.image_size})
+        if spec.modality == "text":
+            texts = content.text(spec.text_fields)[1:]
             if spec.lowercase:
                 texts = [t.lower() for t in texts]
-            enc = encoder.tokenizer(
-                texts, padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt"
-            )
-            self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+            if texts:
+                enc = encoder.tokenizer(
+                    texts, padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt"
+                )
+                self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+            else:  # an empty shard
+                self.ids = self.mask = torch.zeros((0, spec.max_length), dtype=torch.long)
         else:
-            from recbole_mm.data.content import ItemContent
-
-            content = ItemContent(["[PAD]"] + self.tokens, dataset_dir, dataset_name, config or {"image_size": spec.image_size})
             store, rows = content.image_rows(spec.image_size)
             self.store, self.rows = store, rows[1:]
 
     def batch(self, lo: int, hi: int):
         if self.spec.modality == "text":
             ids, mask = self.ids[lo:hi], self.mask[lo:hi]
-            width = int(mask.sum(1).max().item()) if hi > lo else 1  # trim padding shared by the whole batch
+            if self.spec.kind == "tokens":  # token states keep every position
+                return (ids, mask)
+            width = max(int(mask.sum(1).max().item()), 1)  # trim padding shared by the whole batch
             return (ids[:, :width], mask[:, :width])
         return (self.store.read(self.rows[lo:hi]),)
 
 
-def _out_shape(encoder, spec: ExtractSpec, n: int) -> tuple:
+def _row_shape(encoder, spec: ExtractSpec) -> tuple:
+    """Shape of one output row: pooled ``(d,)``, taps ``(n_taps, d)``, tokens ``(T, d)``."""
     d = encoder.hidden_size
     if spec.kind == "pooled":
-        return (n, d)
+        return (d,)
     if spec.kind == "taps":
-        return (n, len(encoder.taps), d)
-    return None  # tokens: known after the first batch
+        return (len(encoder.taps), d)
+    if spec.modality == "text":
+        return (spec.max_length, d)
+    with torch.inference_mode():  # image tokens: as many as the backbone makes for this size
+        probe = torch.full((1, spec.image_size, spec.image_size, 3), 128, dtype=torch.uint8)
+        return tuple(encoder(probe).shape[1:])
 
 
 def extract_features(
@@ -193,7 +190,8 @@ def extract_features(
 
     out_path = out_path or default_feature_path(dataset_dir, spec)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tokens = catalogue_tokens(dataset_dir, dataset_name, cfg_get(config, "ITEM_ID_FIELD", "item_id"))
+    tokens = catalogue_tokens(dataset_dir, dataset_name, cfg_get(config, "ITEM_ID_FIELD", "item_id"),
+                              cfg_get(config, "benchmark_filename"))
     n_total = len(tokens)
     lo_all, hi_all = 0, n_total
     target = out_path
@@ -213,45 +211,40 @@ def extract_features(
     partial = os.path.splitext(target)[0] + ".partial.npy"
     progress_file = os.path.splitext(target)[0] + ".progress.json"
     done = 0
-    meta = {"spec": asdict(spec), "rows": n_rows, "lo": lo_all, "batch_size": batch_size}
+    meta = {"spec": asdict(spec), "rows": n_rows, "lo": lo_all}
     if os.path.isfile(partial) and os.path.isfile(progress_file):
         with open(progress_file, encoding="utf-8") as f:
             saved = json.load(f)
         if saved.get("meta") == meta:
             done = int(saved["done"])
+            if saved.get("batch_size") != batch_size:  # same batches as the interrupted run: same bytes
+                logger.info(f"resuming with the interrupted run's batch size {saved['batch_size']} (not {batch_size})")
+                batch_size = int(saved["batch_size"])
             logger.info(f"resuming extraction of {target} at row {done} of {n_rows}")
+        else:
+            logger.info(f"{partial} was made with other settings; starting over")
     dtype = np.dtype(spec.dtype)
-    array = None
-    if done:
-        array = np.load(partial, mmap_mode="r+")
+    shape = (n_rows,) + _row_shape(encoder, spec)
+    array = np.load(partial, mmap_mode="r+") if done else np.lib.format.open_memmap(partial, "w+", dtype, shape)
     bar = tqdm(total=n_rows, initial=done, desc=f"extract {spec.modality} {spec.stem()}", unit="item", disable=not progress)
     batches = 0
     with torch.inference_mode():
         for lo in range(done, n_rows, batch_size):
             hi = min(lo + batch_size, n_rows)
-            out = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy().astype(dtype)
-            if array is None:
-                shape = _out_shape(encoder, spec, n_rows) or (n_rows,) + out.shape[1:]
-                array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-            if spec.kind == "tokens" and out.shape[1] < array.shape[1]:  # trimmed text batch: pad back
-                padded = np.zeros((out.shape[0],) + array.shape[1:], dtype=dtype)
-                padded[:, : out.shape[1]] = out
-                out = padded
-            array[lo:hi] = out
+            array[lo:hi] = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy().astype(dtype)
             array.flush()
             with open(progress_file, "w", encoding="utf-8") as f:
-                json.dump({"meta": meta, "done": hi}, f)
+                json.dump({"meta": meta, "done": hi, "batch_size": batch_size}, f)
             bar.update(hi - lo)
             batches += 1
             if _stop_after_batches is not None and batches >= _stop_after_batches and hi < n_rows:
                 bar.close()
                 raise KeyboardInterrupt("stopped on request (_stop_after_batches)")
     bar.close()
-    if array is None:  # zero rows
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=_out_shape(encoder, spec, 0) or (0, 0, 0))
     del array
     os.replace(partial, target)
-    os.remove(progress_file)
+    if os.path.isfile(progress_file):
+        os.remove(progress_file)
     _write_sidecar(target, tokens[lo_all:hi_all], spec, encoder, extra={"shard": list(shard) if shard else None})
     logger.info(f"wrote {target}")
     return _maybe_merge(out_path, shard) if shard else target
@@ -284,20 +277,36 @@ def _shard_path(out_path: str, i: int, n: int) -> str:
 
 
 def _maybe_merge(out_path: str, shard: tuple[int, int]) -> str:
-    """Merge all shards into ``out_path`` once every shard is complete; else return this shard's path."""
+    """Merge all shards into ``out_path`` once every shard is complete; else return this shard's path.
+
+    Shards finishing together race for an exclusive lock file: one merges, the others return their shard.
+    """
     _, n = shard
     paths = [_shard_path(out_path, i, n) for i in range(n)]
+    if os.path.isfile(out_path) and os.path.isfile(ff.sidecar_path(out_path)):
+        return out_path
     if not all(os.path.isfile(p) and os.path.isfile(ff.sidecar_path(p)) for p in paths):
         return _shard_path(out_path, shard[0], n)
-    return merge_shards(out_path, n)
+    lock = os.path.splitext(out_path)[0] + ".merge.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        logger.info(f"another process is merging the shards of {out_path}")
+        return _shard_path(out_path, shard[0], n)
+    try:
+        return merge_shards(out_path, n)
+    finally:
+        os.remove(lock)
 
 
 def merge_shards(out_path: str, n: int) -> str:
+    """Concatenate ``<stem>.shard-i-of-n.npy`` (i = 0..n-1) into ``out_path`` with one sidecar; remove shards."""
     paths = [_shard_path(out_path, i, n) for i in range(n)]
     arrays, sides = zip(*(ff.open_features(p) for p in paths))
     tokens = [t for s in sides for t in s["tokens"]]
     shape = (sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:]
-    tmp = os.path.splitext(out_path)[0] + ".merging.npy"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_path)), prefix=".merging-", suffix=".npy")
+    os.close(fd)
     merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
     row = 0
     for a in arrays:
@@ -307,12 +316,8 @@ def merge_shards(out_path: str, n: int) -> str:
     del merged
     os.replace(tmp, out_path)
     side = dict(sides[0])
-    side.update(
-        shape=list(shape),
-        tokens=tokens,
-        sha256=ff.file_sha256(out_path),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
+    side.update(shape=list(shape), tokens=tokens, sha256=ff.file_sha256(out_path),
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     side["settings"] = {k: v for k, v in side.get("settings", {}).items() if k != "shard"}
     side["settings"]["merged_from_shards"] = n
     ff.write_sidecar(out_path, side)
@@ -349,6 +354,8 @@ def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> 
         image_size=int(get("image_size", 224)),
         image_pretrained=bool(get("image_pretrained", True)),
         image_weights=get("image_weights"),
+        image_mean=get("image_mean"),
+        image_std=get("image_std"),
     )
 
 

@@ -7,7 +7,7 @@ import json
 import os
 
 from recbole_mm.data import features as ff
-from recbole_mm.data.content import read_item_table
+from recbole_mm.data.content import read_atomic, read_item_table
 from recbole_mm.data.images import find_images
 from recbole_mm.utils import cfg_get
 
@@ -26,7 +26,7 @@ def dataset_report(config, verify: bool = False) -> str:
     inter_path = os.path.join(folder, f"{name}.inter")
     inter_items: set = set()
     if os.path.isfile(inter_path):
-        inter = read_item_table(inter_path, [uid, iid])
+        inter = read_atomic(inter_path, [uid, iid], id_columns=[uid, iid])
         inter_items = set(inter[iid])
         n_u, n_i, n = inter[uid].nunique(), len(inter_items), len(inter)
         density = n / (n_u * n_i) if n_u and n_i else 0.0
@@ -50,7 +50,7 @@ def dataset_report(config, verify: bool = False) -> str:
     fields = list(cfg_get(config, "text_fields", ["title"]))
     if os.path.isfile(item_path):
         try:
-            table = read_item_table(item_path, [iid] + fields)
+            table = read_item_table(item_path, [iid] + fields, iid)
             covered = inter_items & set(table[iid])
             empty = int((table[fields].apply(lambda c: c.str.strip() == "").all(axis=1)).sum())
             lines.append(

@@ -37,14 +37,14 @@ def _build(config, logger=None, flops: bool = True):
         logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_class = registry.get_model(config["model"])
+    model_class = registry.model_class_of(config)
     model = model_class(config, train_data._dataset).to(config["device"])
     if logger:
         logger.info(model)
         if flops and config["count_flops"] is not False:
             transform = construct_transform(config)
             logger.info(set_color("FLOPs", "blue") + f": {get_flops(model, dataset, config['device'], logger, transform)}")
-    trainer = registry.get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = registry.get_trainer(config["MODEL_TYPE"], model_class)(config, model)
     return dataset, train_data, valid_data, test_data, model, trainer
 
 
@@ -154,7 +154,7 @@ def load_data_and_model(model_file):
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = registry.get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = registry.model_class_of(config)(config, train_data._dataset).to(config["device"])
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -202,13 +202,19 @@ def get_trainer(model_type, model_name) -> type:
     return chosen
 
 
+def model_class_of(config) -> type:
+    """The model class of a Config (the class itself when one was passed, registered or not)."""
+    cls = config.__dict__.get("model_class") if hasattr(config, "__dict__") else None
+    return cls if isinstance(cls, type) else get_model(config["model"])
+
+
 def get_dataset_class(config) -> type:
     """Dataset class for ``config['model']``: the model's ``dataset_class`` attribute, else by model type."""
     from recbole.utils import ModelType
 
     from recbole_mm.data.dataset import MMDataset, MMSequentialDataset
 
-    model_cls = get_model(config["model"])
+    model_cls = model_class_of(config)
     cls = getattr(model_cls, "dataset_class", None)
     if cls is not None:
         return cls

@@ -13,6 +13,8 @@ TINY_ARGS = [f"{k}={v}" for k, v in TINY_SEQ.items()]
 
 
 def test_parse_overrides_and_space():
+    from recbole_mm.cli import build_parser
+
     assert parse_overrides(["epochs=3", "text_fields=[title, genres]", "eval_args={mode: full}", "x=abc"]) == {
         "epochs": 3, "text_fields": ["title", "genres"], "eval_args": {"mode": "full"}, "x": "abc"}
     assert parse_space(["learning_rate=choice([0.001, 0.01])", "dropout=uniform(0.1, 0.5)"]) == {
@@ -34,7 +36,7 @@ def test_run_prints_results_and_where_files_went(tiny_root, tmp_path, capsys):
 
 def test_tune_two_trials_on_ml100k_mm(ml100k_mm, tmp_path, capsys):
     out = tmp_path / "tune.md"
-    args = ["tune", "--space", "learning_rate=choice([0.01, 0.001])", "-o", str(out)] + TINY_ARGS + [
+    args = ["tune", "--model", "SASRec", "--space", "learning_rate=choice([0.01, 0.001])", "-o", str(out)] + TINY_ARGS + [
         "train_batch_size=2048", f"checkpoint_dir={tmp_path / 'saved'}"]
     assert cli(args) == 0
     table = out.read_text()
@@ -55,3 +57,13 @@ def test_help_everywhere(sub):
     proc = subprocess.run([sys.executable, "-m", "recbole_mm.cli", sub, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "usage:" in proc.stdout
+
+
+def test_overrides_and_options_mix(monkeypatch):
+    import recbole_mm.cli as cli_module
+
+    seen = {}
+    monkeypatch.setattr(cli_module, "cmd_run", lambda args: seen.update(vars(args)) or 0)
+    assert cli(["run", "epochs=1", "--model", "BPR", "learning_rate=0.1", "--embedding_size=8"]) == 0
+    assert seen["model"] == "BPR"
+    assert parse_overrides(seen["overrides"]) == {"epochs": 1, "learning_rate": 0.1, "embedding_size": 8}

@@ -69,3 +69,19 @@ def test_ce_sequential_models_get_no_negative_sampling():
     # A user's explicit choice is kept (and RecBole's own check still applies).
     with pytest.raises(ValueError, match="train_neg_sample_args"):
         Config(model="SASRec", dataset="ml-100k", config_dict={"train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}})
+
+
+def test_real_ray_workers_get_the_aliases():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, **compat.ray_init_kwargs())
+    try:
+        @ray.remote
+        def worker():
+            from ray.tune.logger import tensorboardx  # noqa: F401  (needs np.bool8)
+            import numpy
+
+            return numpy.float_ is numpy.float64
+
+        assert ray.get(worker.remote()) is True
+    finally:
+        ray.shutdown()

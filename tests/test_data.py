@@ -55,7 +55,7 @@ def test_split_datasets_share_content(tiny_config):
     config, dataset = _dataset(tiny_config)
     train, valid, test = data_preparation(config, dataset)
     assert isinstance(train._dataset, MMSequentialDataset)
-    assert train._dataset.item_content.tokens.tolist() == dataset.item_content.tokens.tolist()
+    assert train._dataset.item_content is dataset.item_content is test._dataset.item_content
 
 
 def test_general_models_get_content_too(tiny_config):
@@ -216,3 +216,59 @@ def test_image_store_build_resumes(tmp_path, monkeypatch):
     assert index["missing"] == reference["missing"] == ["missing"]
     assert index["corrupt"] == reference["corrupt"] == ["d", "e"]
     assert np.array_equal(np.load(tmp_path / "st" / "pixels.npy"), ref_pixels)
+
+
+def test_quoted_and_unusual_tokens_match_recbole(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "odd.inter").write_text(
+        'user_id:token\titem_id:token\ttimestamp:float\nu1\t"q"\t1\nu1\tü-1\t2\nu1\tx.y\t3\n', encoding="utf-8")
+    (folder / "odd.item").write_text(
+        'item_id:token\ttitle:token_seq\n"q"\tquoted\nü-1\tumlaut\nx.y\tdotted\n', encoding="utf-8")
+    config = Config(model="SASRec", dataset="odd", config_dict={"data_path": str(tmp_path), "state": "WARNING",
+                                                                 "load_col": {"inter": ["user_id", "item_id", "timestamp"]}})
+    dataset = create_dataset(config)
+    tokens = dataset.field2id_token[dataset.iid_field].tolist()
+    assert "q" in tokens  # RecBole strips the quotes
+    content = dataset.item_content
+    assert dict(zip(content.tokens, content.text(["title"]))) == {"[PAD]": "", "q": "quoted", "ü-1": "umlaut", "x.y": "dotted"}
+
+
+def test_catalogue_covers_items_missing_from_item_file(tmp_path):
+    from recbole_mm.data.content import catalogue_tokens
+
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    (folder / "cat.inter").write_text("user_id:token\titem_id:token\nu\ta\nu\tc\n", encoding="utf-8")
+    (folder / "cat.item").write_text("item_id:token\ttitle:token_seq\na\tA\nb\tB\n", encoding="utf-8")
+    (folder / "cat.train.inter").write_text("user_id:token\titem_id:token\nu\td\n", encoding="utf-8")
+    assert catalogue_tokens(str(folder), "cat") == ["a", "b", "c"]
+    assert catalogue_tokens(str(folder), "cat", benchmark=["train"]) == ["a", "b", "c", "d"]
+
+
+def test_image_store_follows_changes_of_the_image_folder(tmp_path):
+    from PIL import Image
+
+    folder, colours = _image_folder(tmp_path)
+    tokens = ["[PAD]", "a", "missing1"]
+    px = ItemContent(tokens, str(folder), "imgs", {"image_size": 8}).pixels(torch.arange(3))
+    assert torch.all(px[2] == 128)
+    Image.new("RGB", (8, 8), (0, 0, 250)).save(folder / "images" / "missing1.jpg")  # the missing image arrives
+    Image.new("RGB", (8, 8), (250, 250, 0)).save(folder / "images" / "a.jpg")  # and one is replaced
+    os.utime(folder / "images" / "a.jpg", ns=(1, 1))
+    px = ItemContent(tokens, str(folder), "imgs", {"image_size": 8}).pixels(torch.arange(3))
+    assert px[2, 0, 0, 2] > 200 and px[1, 0, 0, 0] > 200 and px[1, 0, 0, 2] < 50
+    other = tmp_path / "imgs" / "images_v2"
+    other.mkdir()
+    Image.new("RGB", (8, 8), (0, 250, 0)).save(other / "a.jpg")
+    px = ItemContent(tokens, str(folder), "imgs", {"image_size": 8, "image_dir": "images_v2"}).pixels(torch.arange(3))
+    assert px[1, 0, 0, 1] > 200 and torch.all(px[2] == 128)
+
+
+def test_saved_dataset_uses_this_runs_content_keys(tiny_config, tmp_path):
+    cfg = dict(tiny_config, save_dataset=True, checkpoint_dir=str(tmp_path / "ck"))
+    _, first = _dataset(cfg, text_fields=["title"])
+    assert first.item_content.text()[1].endswith(")")  # "Title (year)"
+    _, cached = _dataset(cfg, text_fields=["title", "genres"])
+    assert cached.config["text_fields"] == ["title", "genres"]
+    assert not cached.item_content.text()[1].endswith(")")

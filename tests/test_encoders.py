@@ -113,7 +113,17 @@ def test_top_k_on_a_cnn_trains_the_last_stage_and_head():
     assert names and all(n.startswith((f"model.blocks.{last}.", "model.conv_head", "model.bn2")) for n in names)
 
 
-def test_nothing_is_downloaded(tmp_path):
+def test_nothing_is_downloaded(tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("recbole_mm tried the network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(EncoderNotAvailableError, match="never downloads"):
         TextEncoder("some-org/not-on-this-machine")
     with pytest.raises(EncoderNotAvailableError, match="no offline pretrained weights"):
@@ -122,4 +132,22 @@ def test_nothing_is_downloaded(tmp_path):
     empty.mkdir()
     with pytest.raises(EncoderNotAvailableError, match="no config.json"):
         TextEncoder(str(empty))
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert TextEncoder("all-MiniLM-L6-v2").hidden_size == 384  # the offline default loads without the network
+
+
+def test_left_padding_tokenizers_are_padded_on_the_right(tmp_path):
+    import json
+
+    folder = make_tiny_text_encoder(str(tmp_path / "llama"), "llama")
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["padding_side"] = "left"  # as many LLM tokenizers ship
+    json.dump(cfg, open(cfg_path, "w"))
+    enc = TextEncoder(folder, pooling="last").eval()
+    batch = enc.tokenizer(["one two three four", "one"], padding="max_length", max_length=8, return_tensors="pt")
+    assert batch["attention_mask"][1, 0] == 1  # real tokens first
+    alone = enc.tokenizer(["one"], return_tensors="pt")
+    with torch.no_grad():
+        both = enc(batch["input_ids"], batch["attention_mask"])
+        single = enc(alone["input_ids"], alone["attention_mask"])
+    assert torch.allclose(both[1], single[0], atol=1e-5)

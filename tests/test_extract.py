@@ -101,3 +101,29 @@ def test_get_or_extract_reuses_and_checks_settings(tiny_root, spec, tmp_path):
     ff.write_sidecar(path, side)
     with pytest.raises(ff.FeatureFileError, match="other settings.*max_length"):
         get_or_extract(config, folder, "mm-tiny", spec, progress=False)
+
+
+def test_text_token_states_and_empty_shards(tiny_root, spec, tmp_path):
+    folder = os.path.join(tiny_root, "mm-tiny")
+    tokens_spec = ExtractSpec(**{**spec.__dict__, "kind": "tokens"})
+    path = extract_features(folder, "mm-tiny", tokens_spec, out_path=str(tmp_path / "t.npy"), batch_size=40, progress=False)
+    array, side = ff.open_features(path)
+    assert array.shape[1:] == (16, 32) and side["kind"] == "tokens"
+    n = len(side["tokens"])
+    out = str(tmp_path / "many.npy")
+    for i in range(n + 2):  # more shards than items: some are empty
+        merged = extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=8, shard=(i, n + 2), progress=False)
+    assert merged == out
+    a, _ = ff.open_features(out)
+    ref, _ = ff.open_features(extract_features(folder, "mm-tiny", spec, out_path=str(tmp_path / "r.npy"), progress=False))
+    assert a.shape == ref.shape and np.allclose(a, ref, atol=1e-5)
+
+
+def test_resume_keeps_the_interrupted_batch_size(tiny_root, spec, tmp_path):
+    folder = os.path.join(tiny_root, "mm-tiny")
+    ref = extract_features(folder, "mm-tiny", spec, out_path=str(tmp_path / "ref.npy"), batch_size=16, progress=False)
+    out = str(tmp_path / "x.npy")
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, progress=False, _stop_after_batches=2)
+    extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=64, progress=False)
+    assert _sha(out) == _sha(ref)

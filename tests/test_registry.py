@@ -120,3 +120,14 @@ def test_missing_dataset_folder_is_a_clear_error(tiny_config):
 
     with pytest.raises(DatasetNotFoundError, match="does not exist.*recbole-mm convert"):
         recbole_mm.run_recbole(model="SASRec", dataset="no-such-dataset", config_dict=tiny_config)
+
+
+def test_unregistered_model_class_runs(tiny_config):
+    """A class passed to run_recbole works without @register_model (dataset / trainer / yaml by attribute)."""
+    assert "UserSeqRec" not in recbole_mm.list_models(source="plugin")
+    built, epochs = CountingDataset.built, CountingTrainer.epochs_run
+    result = recbole_mm.run_recbole(model=UserSeqRec, dataset="mm-tiny", config_dict=tiny_config)
+    assert result["model"] == "UserSeqRec"
+    assert CountingDataset.built == built + 1 and CountingTrainer.epochs_run == epochs + 1
+    config, model, *_ = recbole_mm.load_data_and_model(result["checkpoint_file"])
+    assert isinstance(model, UserSeqRec) and model.dim == 12

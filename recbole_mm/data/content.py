@@ -34,32 +34,59 @@ logger = logging.getLogger(__name__)
 PAD = "[PAD]"
 
 
-def read_item_table(path: str, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """Read an atomic ``.item`` file as strings (names without the ``:type`` suffix), texts kept exactly."""
+def read_atomic(path: str, columns: Optional[Sequence[str]] = None, id_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Read an atomic file (``.item``, ``.inter``, ...) as strings, names without the ``:type`` suffix.
+
+    Texts are kept exactly (no quote processing, no NA guessing). ``id_columns`` are normalised the way
+    RecBole reads ids (a token written as ``"q"`` is ``q``), so tokens match RecBole's ``field2id_token``.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"item file {path} does not exist (item text is read from it)")
+        raise FileNotFoundError(f"atomic file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\r\n").lstrip("\ufeff").split("\t")
     names = [h.split(":")[0] for h in header]
     if columns is not None:
         missing = [c for c in columns if c not in names]
         if missing:
-            raise KeyError(f"item file {path} has no column(s) {missing}; its columns are {names}")
+            raise KeyError(f"atomic file {path} has no column(s) {missing}; its columns are {names}")
     usecols = None if columns is None else [names.index(c) for c in columns]
-    df = pd.read_csv(
-        path,
-        sep="\t",
-        header=None,
-        skiprows=1,
-        names=names,
-        usecols=usecols,
-        dtype=str,
-        keep_default_na=False,
-        quoting=csv.QUOTE_NONE,
-        encoding="utf-8",
-        engine="c",
-    )
+    df = pd.read_csv(path, sep="\t", header=None, skiprows=1, names=names, usecols=usecols, dtype=str,
+                     keep_default_na=False, quoting=csv.QUOTE_NONE, encoding="utf-8", engine="c")
+    for col in id_columns:
+        quoted = df[col].str.len().ge(2) & df[col].str.startswith('"') & df[col].str.endswith('"')
+        if quoted.any():
+            df.loc[quoted, col] = df.loc[quoted, col].str.slice(1, -1).str.replace('""', '"', regex=False)
     return df
+
+
+def read_item_table(path: str, columns: Optional[Sequence[str]] = None, item_field: str = "item_id") -> pd.DataFrame:
+    """The ``.item`` file as strings; ``item_field`` normalised as RecBole reads ids (:func:`read_atomic`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"item file {path} does not exist (item text is read from it)")
+    ids = [item_field] if columns is None or item_field in columns else []
+    return read_atomic(path, columns, id_columns=ids)
+
+
+def join_text_fields(table: pd.DataFrame, fields: Sequence[str]) -> pd.Series:
+    """Several text columns joined with a single space (empty ones skipped)."""
+    joined = table[fields[0]]
+    for f in fields[1:]:
+        joined = joined.str.cat(table[f], sep=" ").str.strip()
+    return joined
+
+
+def catalogue_tokens(dataset_dir: str, name: str, item_field: str = "item_id", benchmark=None) -> list:
+    """Every item token of a dataset folder, sorted: ``.item`` rows, ``.inter`` items and the items of the
+    benchmark split files (``<name>.<suffix>.inter``). Independent of RecBole's filtering and id order."""
+    tokens: set = set()
+    paths = [os.path.join(dataset_dir, f"{name}.item"), os.path.join(dataset_dir, f"{name}.inter")]
+    paths += [os.path.join(dataset_dir, f"{name}.{suffix}.inter") for suffix in (benchmark or [])]
+    for path in paths:
+        if os.path.isfile(path):
+            tokens.update(read_atomic(path, [item_field], id_columns=[item_field])[item_field].tolist())
+    if not tokens:
+        raise FileNotFoundError(f"no item tokens in {dataset_dir}: none of {[os.path.basename(p) for p in paths]} exists")
+    return sorted(tokens)
 
 
 class ItemContent:
@@ -108,12 +135,9 @@ class ItemContent:
         if key not in self._text_cache:
             path = os.path.join(self.dataset_dir, f"{self.dataset_name}.item")
             item_field = self._cfg("ITEM_ID_FIELD", "item_id")
-            table = read_item_table(path, [item_field] + fields)
+            table = read_item_table(path, [item_field] + fields, item_field)
             table = table.drop_duplicates(subset=[item_field], keep="first")
-            joined = table[fields[0]]
-            for f in fields[1:]:
-                joined = joined.str.cat(table[f], sep=" ").str.strip()
-            by_token = dict(zip(table[item_field], joined))
+            by_token = dict(zip(table[item_field], join_text_fields(table, fields)))
             missing = [t for t in self.tokens[1:] if t not in by_token]
             if missing:
                 raise feature_files.FeatureFileError(
@@ -144,13 +168,13 @@ class ItemContent:
         return ImageStore.open_or_build(image_dir, os.path.join(store_root, f"{size}px"), size, catalogue)
 
     def _catalogue_tokens(self) -> list[str]:
-        """All item tokens of the dataset folder (``.item`` rows, else this dataset's items)."""
-        path = os.path.join(self.dataset_dir, f"{self.dataset_name}.item")
-        if os.path.isfile(path):
-            field = self._cfg("ITEM_ID_FIELD", "item_id")
-            tokens = read_item_table(path, [field])[field].tolist()
-            return sorted(set(tokens) | set(self.tokens[1:].tolist()))
-        return sorted(set(self.tokens[1:].tolist()))
+        """Every item token of the dataset folder plus this dataset's (the image store covers them all)."""
+        item_field = self._cfg("ITEM_ID_FIELD", "item_id")
+        try:
+            tokens = catalogue_tokens(self.dataset_dir, self.dataset_name, item_field, self._cfg("benchmark_filename"))
+        except FileNotFoundError:
+            tokens = []
+        return sorted(set(tokens) | set(self.tokens[1:].tolist()))
 
     def image_rows(self, size: Optional[int] = None) -> tuple[ImageStore, torch.Tensor]:
         """The image store and, per internal id, its row there (0 = placeholder: padding, missing, corrupt)."""

@@ -30,15 +30,18 @@ class DatasetNotFoundError(FileNotFoundError):
     pass
 
 
+def missing_folder_message(path: str, name: str) -> str:
+    return (
+        f"dataset folder {path} does not exist. Convert raw data with `recbole-mm convert ...`, or set data_path "
+        f"to the folder that holds {name}/{name}.inter (recbole_mm never downloads datasets)."
+    )
+
+
 class MMDatasetMixin:
     """Shared by :class:`MMDataset` and :class:`MMSequentialDataset` (see the module docstring)."""
 
     def _download(self):
-        raise DatasetNotFoundError(
-            f"dataset folder {self.dataset_path} does not exist. Convert raw data with `recbole-mm convert ...` "
-            f"or point `data_path` at the folder that holds {self.dataset_name}/{self.dataset_name}.inter "
-            f"(recbole_mm never downloads datasets)."
-        )
+        raise DatasetNotFoundError(missing_folder_message(self.dataset_path, self.dataset_name))
 
     def _data_filtering(self):
         super()._data_filtering()
@@ -77,9 +80,8 @@ class MMDatasetMixin:
 
     def copy(self, new_inter_feat):
         nxt = super().copy(new_inter_feat)
-        # The split datasets share the content of their parent (it is keyed by item id, not by interaction).
-        if "_item_content" in self.__dict__:
-            nxt.__dict__["_item_content"] = self.__dict__["_item_content"]
+        # The split datasets share their parent's content (keyed by item id; creating it reads nothing yet).
+        nxt.__dict__["_item_content"] = self.item_content
         return nxt
 
 
@@ -103,11 +105,11 @@ class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
 
 
 def _all_position(config) -> bool:
-    from recbole_mm.registry import get_model
+    from recbole_mm.registry import model_class_of
 
     if (config["seq_mode"] or "prefix") != "all_position":
         return False
-    model_cls = get_model(config["model"])
+    model_cls = model_class_of(config)
     if not getattr(model_cls, "supports_all_position", False):
         raise ValueError(f"seq_mode: all_position needs a model that trains at every position; {config['model']} "
                          f"does not (use seq_mode: prefix)")
@@ -146,7 +148,3 @@ def train_item_counts(dataset) -> np.ndarray:
     """``train_item_counts`` of a split made by :class:`MMSequentialDataset`, else counted from its rows."""
     counts = getattr(dataset, "train_item_counts", None)
     return counts if counts is not None else _count_training_items(dataset)
-
-
-def dataset_folder_exists(config) -> bool:
-    return os.path.isdir(config["data_path"])

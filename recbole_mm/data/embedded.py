@@ -73,19 +73,6 @@ def build_embedded(name: str, target_dir: str) -> str:
     return build_ml100k_mm(target_dir)
 
 
-def _read_atomic(path: str):
-    import csv
-
-    import pandas as pd
-
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-    names = [h.split(":")[0] for h in header]
-    return pd.read_csv(
-        path, sep="\t", header=None, skiprows=1, names=names, dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE
-    )
-
-
 def render_poster(title: str, genres: list[str], size: int = POSTER_SIZE):
     """A deterministic poster: one colour band per genre, a genre-chosen pattern, the title in a box."""
     from PIL import Image, ImageDraw, ImageFont
@@ -135,18 +122,20 @@ def build_ml100k_mm(target_dir: str) -> str:
     """Write ml-100k-mm into ``target_dir`` (atomically: a temporary folder renamed at the end)."""
     from tqdm.auto import tqdm
 
+    from recbole_mm.data.content import read_atomic
+
     src = _recbole_ml100k_dir()
     name = "ml-100k-mm"
     parent = os.path.dirname(os.path.abspath(target_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
-        inter = _read_atomic(os.path.join(src, "ml-100k.inter"))
+        inter = read_atomic(os.path.join(src, "ml-100k.inter"))
         with open(os.path.join(tmp, f"{name}.inter"), "w", encoding="utf-8", newline="\n") as f:
             f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
             inter[["user_id", "item_id", "rating", "timestamp"]].to_csv(f, sep="\t", header=False, index=False)
 
-        items = _read_atomic(os.path.join(src, "ml-100k.item"))
+        items = read_atomic(os.path.join(src, "ml-100k.item"))
         items["title"] = [
             f"{t} ({y})" if y else t for t, y in zip(items["movie_title"].str.strip(), items["release_year"].str.strip())
         ]
@@ -155,7 +144,7 @@ def build_ml100k_mm(target_dir: str) -> str:
             f.write("item_id:token\ttitle:token_seq\tgenres:token_seq\trelease_year:token\n")
             items[["item_id", "title", "genres", "release_year"]].to_csv(f, sep="\t", header=False, index=False)
 
-        users = _read_atomic(os.path.join(src, "ml-100k.user"))
+        users = read_atomic(os.path.join(src, "ml-100k.user"))
         with open(os.path.join(tmp, f"{name}.user"), "w", encoding="utf-8", newline="\n") as f:
             f.write("user_id:token\tage:token\tgender:token\toccupation:token\n")
             users[["user_id", "age", "gender", "occupation"]].to_csv(f, sep="\t", header=False, index=False)

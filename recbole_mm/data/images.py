@@ -3,12 +3,14 @@
 Layout of ``image_store/<S>px/``::
 
     pixels.npy    uint8 [n + 1, S, S, 3]; row 0 is the placeholder (mid grey)
-    index.json    {"size", "tokens" (row r + 1 = tokens[r]), "missing", "corrupt", "source_dir", "complete"}
+    index.json    {"size", "tokens" (row r + 1 = tokens[r]), "missing", "corrupt", "source_dir",
+                   "files" (token -> [size, mtime_ns] of the file decoded), "complete"}
 
 Images are resized to S x S without keeping the aspect ratio, as the seed papers do (their transform is a
 square resize, no crop). A missing, truncated or corrupt image gets the placeholder row and is counted in one
 warning that names the first few. The build is resumable: progress is written every chunk, and a rerun
-continues where an interrupted build stopped.
+continues where an interrupted build stopped. A store is rebuilt when its image folder changes: another folder,
+a file added, removed or modified (size / mtime), or items it does not cover yet.
 """
 
 from __future__ import annotations
@@ -97,14 +99,35 @@ class ImageStore:
         if os.path.isfile(index_path):
             with open(index_path, encoding="utf-8") as f:
                 index = json.load(f)
-            if index.get("complete"):
-                store = cls(store_dir)
-                known = set(store.index["tokens"])
-                if all(t in known for t in tokens):
-                    return store
-                logger.info(f"image store {store_dir} lacks some item tokens; rebuilding it")
+            reason = _stale_reason(index, image_dir, size, tokens) if index.get("complete") else "incomplete"
+            if reason is None:
+                return cls(store_dir)
+            logger.info(f"image store {store_dir}: {reason}; rebuilding it")
         build_image_store(image_dir, store_dir, size, tokens, workers=workers, progress=progress)
         return cls(store_dir)
+
+
+def _fingerprint(path: str) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _stale_reason(index: dict, image_dir: str, size: int, tokens: Sequence[str]) -> Optional[str]:
+    """Why a built store no longer matches the image folder (``None`` when it does)."""
+    if index.get("source_dir") != os.path.abspath(image_dir):
+        return f"built from {index.get('source_dir')}, not {os.path.abspath(image_dir)}"
+    if int(index.get("size", -1)) != size:
+        return "built for another size"
+    known = set(index["tokens"])
+    new = [t for t in tokens if t not in known]
+    if new:
+        return f"{len(new)} item(s) not in the store (first: {new[0]})"
+    files = find_images(image_dir)
+    recorded = index.get("files", {})
+    changed = [t for t in index["tokens"] if (_fingerprint(files[t]) if t in files else None) != recorded.get(t)]
+    if changed:
+        return f"{len(changed)} image file(s) added, removed or modified (first: {changed[0]})"
+    return None
 
 
 def build_image_store(
@@ -162,6 +185,7 @@ def build_image_store(
         "missing": state["missing"],
         "corrupt": state["corrupt"],
         "source_dir": os.path.abspath(image_dir),
+        "files": {t: _fingerprint(files[t]) for t in tokens if t in files},
         "complete": True,
     }
     os.replace(partial_pixels, os.path.join(store_dir, "pixels.npy"))

@@ -11,7 +11,7 @@ from recbole.utils import set_color
 from recbole.utils.argument_list import dataset_arguments
 
 from recbole_mm import registry
-from recbole_mm.data.dataset import DatasetNotFoundError
+from recbole_mm.data.dataset import DatasetNotFoundError, missing_folder_message
 
 # Plugin keys that change what the Dataset object holds (part of the saved-dataset cache key).
 MM_DATASET_ARGUMENTS = ["keep_last_n"]
@@ -29,10 +29,7 @@ def ensure_dataset_folder(config) -> None:
     if name in EMBEDDED_DATASETS and not os.path.isfile(inter):
         build_embedded(name, path)
     if not os.path.isdir(path):
-        raise DatasetNotFoundError(
-            f"dataset folder {path} does not exist. Convert raw data with `recbole-mm convert ...`, or set "
-            f"data_path to the folder that holds {name}/{name}.inter (recbole_mm never downloads datasets)."
-        )
+        raise DatasetNotFoundError(missing_folder_message(path, name))
     if config["benchmark_filename"] is None and not os.path.isfile(inter):
         raise DatasetNotFoundError(f"dataset folder {path} has no {name}.inter file")
 
@@ -49,6 +46,7 @@ def create_dataset(config):
         keys = dataset_arguments + ["seed", "repeatable"] + MM_DATASET_ARGUMENTS
         if all(config[arg] == dataset.config[arg] for arg in keys):
             logging.getLogger().info(set_color("Load filtered dataset from", "pink") + f": [{file}]")
+            dataset.config = config  # content keys (text fields, image store, ...) come from this run
             return dataset
     dataset = dataset_class(config)
     if config["save_dataset"]:

@@ -79,6 +79,9 @@ class TextEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         if self.tokenizer.pad_token is None:  # decoder LLM tokenizers
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        # Right padding everywhere: batches are trimmed to their longest text and "last" pooling indexes the
+        # last real token (LLM tokenizers often default to left padding).
+        self.tokenizer.padding_side = "right"
         self.pooling = pooling
         self.output = output
         self.normalize = normalize
