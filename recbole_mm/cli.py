@@ -48,7 +48,9 @@ def _plain_argv():
 
 
 def _fmt(v) -> str:
-    return f"{float(v):.4f}" if isinstance(v, (int, float)) else str(v)
+    if isinstance(v, int):
+        return str(v)
+    return f"{float(v):.4f}" if isinstance(v, float) else str(v)
 
 
 def results_table(rows: dict) -> str:
@@ -92,9 +94,12 @@ def cmd_run(args) -> int:
     for key, label in (("log_file", "log"), ("checkpoint_file", "checkpoint"), ("tensorboard_dir", "tensorboard")):
         if result.get(key):
             print(f"{label}: {result[key]}")
-    for key in ("plot_file",):
-        if result.get(key):
-            print(f"training curve: {result[key]}")
+    if args.plot and result.get("train_loss_history"):
+        from recbole_mm.trainer.trainer import plot_training_curve
+
+        plot_training_curve(args.plot, result["train_loss_history"], result.get("valid_score_history", []),
+                            result.get("valid_epoch_history", []), f"{result['model']} on {args.dataset}", "valid score")
+        print(f"training curve: {args.plot}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(_jsonable(result), f, indent=1)
@@ -279,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--no-save", action="store_true", help="do not save the best checkpoint (test uses the last model)")
     r.add_argument("--output", "-o", help="also write the result dict as JSON here")
+    r.add_argument("--plot", help="write a training-curve PNG (loss and valid score per epoch) here")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (YAML values)")
     r.set_defaults(func=cmd_run)
 

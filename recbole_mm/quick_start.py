@@ -48,6 +48,10 @@ def _build(config, logger=None, flops: bool = True):
     return dataset, train_data, valid_data, test_data, model, trainer
 
 
+def _abs(path):
+    return os.path.abspath(path) if path else None
+
+
 def _log_file(logger) -> str | None:
     for h in logger.handlers:
         if isinstance(h, logging.FileHandler):
@@ -87,10 +91,11 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "log_file": _log_file(logger),
-        "checkpoint_file": trainer.saved_model_file if saved else None,
-        "tensorboard_dir": getattr(getattr(trainer, "tensorboard", None), "log_dir", None),
+        "checkpoint_file": _abs(trainer.saved_model_file) if saved else None,
+        "tensorboard_dir": _abs(getattr(getattr(trainer, "tensorboard", None), "log_dir", None)),
     }
-    for key in ("cold_valid_result", "cold_test_result", "train_loss_history", "valid_score_history"):
+    for key in ("cold_valid_result", "cold_test_result", "train_loss_history", "valid_score_history",
+                "valid_epoch_history", "epoch_seconds", "eval_seconds"):
         value = getattr(trainer, key, None)
         if value is not None:
             result[key] = value

@@ -68,6 +68,7 @@ class MMTrainer(Trainer):
         self.eval_seconds: list = []
         self.train_loss_history: list = []
         self.valid_score_history: list = []
+        self.valid_epoch_history: list = []
         self._valid_pairs: list = []
         self._last_cold = None
         self._in_fit = False
@@ -111,6 +112,7 @@ class MMTrainer(Trainer):
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.valid_score_history.append(float(score))
+        self.valid_epoch_history.append(len(self.train_loss_history) - 1)
         self._valid_pairs.append((result, self._last_cold))
         return score, result
 
@@ -145,26 +147,30 @@ class MMTrainer(Trainer):
 
     # ------------------------------------------------------------- plotting
     def plot_training_curve(self, path: str) -> str:
-        """Training loss and valid score per epoch, as a PNG."""
-        import matplotlib
+        """Training loss and valid score per epoch, as a PNG (see :func:`plot_training_curve`)."""
+        return plot_training_curve(path, self.train_loss_history, self.valid_score_history, self.valid_epoch_history,
+                                   f"{self.config['model']} on {self.config['dataset']}", f"valid {self.valid_metric}")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        epochs = np.arange(len(self.train_loss_history))
-        ax.plot(epochs, self.train_loss_history, color="tab:blue", marker="o")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("train loss", color="tab:blue")
-        if self.valid_score_history:
-            ax2 = ax.twinx()
-            step = max(len(self.train_loss_history) // max(len(self.valid_score_history), 1), 1)
-            ax2.plot(np.arange(len(self.valid_score_history)) * step + step - 1, self.valid_score_history,
-                     color="tab:red", marker="s")
-            ax2.set_ylabel(f"valid {self.valid_metric}", color="tab:red")
-        ax.set_title(f"{self.config['model']} on {self.config['dataset']}")
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+def plot_training_curve(path: str, train_loss: list, valid_scores: list, valid_epochs: list, title: str = "",
+                        valid_label: str = "valid score") -> str:
+    """Write a PNG with the training loss per epoch and the valid score at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(np.arange(len(train_loss)), train_loss, color="tab:blue", marker="o", markersize=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if valid_scores:
+        ax2 = ax.twinx()
+        ax2.plot(valid_epochs, valid_scores, color="tab:red", marker="s", markersize=3)
+        ax2.set_ylabel(valid_label, color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
