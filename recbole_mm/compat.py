@@ -12,6 +12,13 @@ Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that 
   model, the pretrain loaders of a few stock models) a ``torch`` whose ``load`` defaults to
   ``weights_only=False``. Nothing else in the process changes; our own loaders pass ``weights_only=False``
   explicitly.
+- ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` at import,
+  and looking up any sequential model (``get_model('SASRec')``) imports the whole package: every backward pass
+  in the process then records stack traces (measured: small ops ~4x slower). :func:`undo_recbole_anomaly_mode`
+  imports RecBole's sequential models once and switches anomaly detection back off.
+- RecBole's ``get_flops`` (thop) raises on models holding peft adapters ("attribute 'total_ops' already
+  exists") and RecBole's ``run_recbole`` calls it unconditionally: :func:`safe_get_flops` honours
+  ``count_flops: False`` and turns a failure into a logged warning.
 - CE-loss sequential models (SASRec ...) fail in Config with RecBole's default uniform negative sampling;
   that fix lives in :class:`recbole_mm.config.Config` (``train_neg_sample_args`` defaults to ``None`` there).
 - pandas 3 and setuptools >= 81 break RecBole too; they are pinned in setup.py (``pandas<3``,
@@ -87,6 +94,27 @@ def trust_recbole_checkpoint_loads() -> None:
         module = importlib.import_module(name)
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
+
+
+def undo_recbole_anomaly_mode() -> None:
+    import torch
+
+    importlib.import_module("recbole.model.sequential_recommender")  # runs sine.py's module-level switch once
+    torch.autograd.set_detect_anomaly(False)
+
+
+def safe_get_flops(model, dataset, device, logger, transform, verbose=False):
+    """RecBole's ``get_flops``, skipped when ``count_flops`` is False and never fatal."""
+    from recbole.utils.utils import get_flops
+
+    config = getattr(dataset, "config", None)
+    if config is not None and config["count_flops"] is False:
+        return "not counted (count_flops: False)"
+    try:
+        return get_flops(model, dataset, device, logger, transform, verbose)
+    except Exception as e:  # thop cannot trace every module (e.g. peft's LoRA layers)
+        logger.warning(f"FLOPs not counted: {type(e).__name__}: {e}")
+        return "not counted"
 
 
 def _quiet_known_warnings() -> None:

@@ -24,9 +24,10 @@ from logging import getLogger
 import torch
 from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
-from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
+from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_mm import registry
+from recbole_mm.compat import safe_get_flops
 from recbole_mm.config import Config
 from recbole_mm.data.utils import create_dataset
 
@@ -41,9 +42,9 @@ def _build(config, logger=None, flops: bool = True):
     model = model_class(config, train_data._dataset).to(config["device"])
     if logger:
         logger.info(model)
-        if flops and config["count_flops"] is not False:
+        if flops:
             transform = construct_transform(config)
-            logger.info(set_color("FLOPs", "blue") + f": {get_flops(model, dataset, config['device'], logger, transform)}")
+            logger.info(set_color("FLOPs", "blue") + f": {safe_get_flops(model, dataset, config['device'], logger, transform)}")
     trainer = registry.get_trainer(config["MODEL_TYPE"], model_class)(config, model)
     return dataset, train_data, valid_data, test_data, model, trainer
 

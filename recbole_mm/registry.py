@@ -266,8 +266,10 @@ def install() -> None:
     # RecBole's quick start builds its Config by name: give it the plugin's (same class contract).
     qs.Config = Config
     recbole.config.Config = Config
+    qs.get_flops = compat.safe_get_flops  # thop fails on peft adapters; RecBole calls it unconditionally
     # RecBole's load_data_and_model loads with bare torch.load and RecBole's get_model.
     qs.load_data_and_model = mm_qs.load_data_and_model
     recbole.quick_start.load_data_and_model = mm_qs.load_data_and_model
     compat.trust_recbole_checkpoint_loads()
+    compat.undo_recbole_anomaly_mode()
     _INSTALLED = True

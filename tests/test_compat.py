@@ -9,6 +9,7 @@ import pytest
 import torch
 from recbole.config.configurator import Config as RecBoleConfig
 
+import recbole_mm
 from recbole_mm import compat
 from recbole_mm.config import Config
 
@@ -85,3 +86,13 @@ def test_real_ray_workers_get_the_aliases():
         assert ray.get(worker.remote()) is True
     finally:
         ray.shutdown()
+
+
+def test_recbole_anomaly_mode_is_switched_off():
+    """RecBole's get_model('SASRec') imports SINE, which turns on torch's anomaly detection for the process."""
+    code = ("import numpy as np; np.float_=np.float64; np.complex_=np.complex128; np.unicode_=np.str_; "
+            "import torch; from recbole.utils import get_model; get_model('SASRec'); print(torch.is_anomaly_enabled())")
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert plain.stdout.strip() == "True", plain.stderr[-500:]
+    recbole_mm.get_model("SASRec")
+    assert torch.is_anomaly_enabled() is False

@@ -7,6 +7,7 @@ Nothing here ever downloads: a model that is not on the machine is a clear :clas
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -47,6 +48,20 @@ def resolve_hf_path(name: str) -> str:
             f"downloads. On a machine with network run `huggingface-cli download {name} --local-dir <folder>` and "
             f"pass that folder (offline presets here: {', '.join(sorted(TEXT_PRESETS))})."
         ) from None
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers draws a "Loading weights" progress bar per model load; keep logs readable."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def slug(name: str) -> str:

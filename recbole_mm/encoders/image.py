@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from recbole_mm.encoders.hub import EncoderNotAvailableError, load_timm_weights, resolve_hf_path
+from recbole_mm.encoders.hub import EncoderNotAvailableError, load_timm_weights, quiet_loading, resolve_hf_path
 
 IMAGE_POOLINGS = ("default", "cls", "mean")
 
@@ -127,14 +127,15 @@ class ImageEncoder(nn.Module):
 
         path = resolve_hf_path(name)
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        if cfg.model_type == "clip":
-            from transformers import CLIPVisionModel
+        with quiet_loading():
+            if cfg.model_type == "clip":
+                from transformers import CLIPVisionModel
 
-            self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
-            vcfg = cfg.vision_config
-        else:
-            self.model = AutoModel.from_pretrained(path, local_files_only=True)
-            vcfg = cfg
+                self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+                vcfg = cfg.vision_config
+            else:
+                self.model = AutoModel.from_pretrained(path, local_files_only=True)
+                vcfg = cfg
         self.input_size = int(getattr(vcfg, "image_size", self.image_size))
         self.hidden_size = int(vcfg.hidden_size)
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from recbole_mm.encoders.hub import resolve_hf_path
+from recbole_mm.encoders.hub import quiet_loading, resolve_hf_path
 
 TEXT_POOLINGS = ("cls", "mean", "last", "pooler")
 
@@ -40,11 +40,12 @@ def _load_backbone(path: str):
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    if cfg.model_type == "clip":  # the text tower of a CLIP checkpoint
-        from transformers import CLIPTextModel
+    with quiet_loading():
+        if cfg.model_type == "clip":  # the text tower of a CLIP checkpoint
+            from transformers import CLIPTextModel
 
-        return CLIPTextModel.from_pretrained(path, local_files_only=True)
-    return AutoModel.from_pretrained(path, local_files_only=True)
+            return CLIPTextModel.from_pretrained(path, local_files_only=True)
+        return AutoModel.from_pretrained(path, local_files_only=True)
 
 
 class TextEncoder(nn.Module):

@@ -76,22 +76,26 @@ class MMSequentialRecommender(SequentialRecommender):
             self.items_encoded_eval += n
 
     def item_matrix(self) -> torch.Tensor:
-        """``[n_items, D]`` for every item (row 0 = padding, zeros); cached while not training."""
+        """``[n_items, D]`` for every item (row 0 = padding, zeros). In eval mode it is computed in chunks of
+        ``item_matrix_batch_size`` without gradients and cached; in training (loss ``ce``) in one pass."""
         if self._item_matrix is not None and not self.training:
             return self._item_matrix
         ids = torch.arange(self.n_items, device=self.log_pop.device)
-        chunks = ids.split(self.item_matrix_batch_size)
-        if self.show_progress and not self.training:
-            from tqdm.auto import tqdm
+        if self.training:
+            matrix = self.item_tower(ids)
+            self._count(self.n_items)
+        else:
+            chunks = ids.split(self.item_matrix_batch_size)
+            if self.show_progress:
+                from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc="item matrix", unit="chunk", leave=False)
-        grad = torch.enable_grad() if self.training else torch.no_grad()
-        with grad:
-            parts = []
-            for chunk in chunks:
-                parts.append(self.item_tower(chunk))
-                self._count(len(chunk))
-            matrix = torch.cat(parts, 0)
+                chunks = tqdm(chunks, desc="item matrix", unit="chunk", leave=False)
+            with torch.no_grad():
+                parts = []
+                for chunk in chunks:
+                    parts.append(self.item_tower(chunk))
+                    self._count(len(chunk))
+                matrix = torch.cat(parts, 0)
         matrix = torch.cat([torch.zeros_like(matrix[:1]), matrix[1:]], 0)
         if not self.training:
             self._item_matrix = matrix
@@ -131,31 +135,30 @@ class MMSequentialRecommender(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         seq, lengths, targets, full = self.sequence_targets(interaction)
-        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        length = seq.shape[1]
+        if self.loss_name == "ce":
+            if self.expensive_item_tower:
+                raise ValueError(f"{type(self).__name__}: loss 'ce' needs every item vector at every step; use cached "
+                                 "features (two-stage) or the inbatch / bce losses")
+            matrix = self.item_matrix()  # every item once; the batch's vectors are rows of it
+            states = self.user_states(seq, lengths, matrix[seq])
+            return losses.full_softmax_loss(states, targets, matrix)
+        all_ids = full
         if self.loss_name == "bce":
-            negatives = losses.sample_negatives(full, self.n_items, seq.shape[1])
-            all_ids = torch.cat([full, negatives], 1)
-        else:
-            all_ids = full
+            all_ids = torch.cat([full, losses.sample_negatives(full, self.n_items, length)], 1)
         uniq, inverse = torch.unique(all_ids, return_inverse=True)
         uniq_vecs = self.item_tower(uniq)
         self._count(len(uniq))
         vecs = uniq_vecs[inverse]
-        states = self.user_states(seq, lengths, vecs[:, : seq.shape[1]])
-        valid = targets > 0
+        states = self.user_states(seq, lengths, vecs[:, :length])
         if self.loss_name == "inbatch":
+            users = interaction[self.USER_ID] if self.USER_ID in interaction else None
             keep = uniq > 0
             return losses.inbatch_softmax_loss(
                 states, targets, uniq[keep], uniq_vecs[keep], full, users, self.log_pop[uniq[keep]]
             )
-        if self.loss_name == "bce":
-            target_vecs = vecs[:, 1 : seq.shape[1] + 1]
-            neg_vecs = vecs[:, seq.shape[1] + 1 :]
-            return losses.bce_loss(states[valid], target_vecs[valid], neg_vecs[valid])
-        if self.expensive_item_tower:
-            raise ValueError(f"{type(self).__name__}: loss 'ce' needs every item vector at every step; use cached "
-                             "features (two-stage) or the inbatch / bce losses")
-        return losses.full_softmax_loss(states, targets, self.item_matrix())
+        valid = targets > 0
+        return losses.bce_loss(states[valid], vecs[:, 1 : length + 1][valid], vecs[:, length + 1 :][valid])
 
     # ------------------------------------------------------------- inference
     def user_vector(self, interaction) -> torch.Tensor:
