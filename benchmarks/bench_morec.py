@@ -147,6 +147,9 @@ def main() -> int:
     if args.worker:
         worker(args.worker[0], json.loads(args.worker[1]), args.worker[2])
         return 0
+    import torch
+
+    torch.set_num_threads(1)  # as in every worker
     from _report import machine, write_section
 
     import recbole_mm  # noqa: F401  (builds ml-100k-mm and checks the install before the timed runs)

@@ -53,6 +53,8 @@ class MMSequentialRecommender(SequentialRecommender):
         if self.loss_name not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss_name!r}")
         self.item_matrix_batch_size = int(cfg_get(config, "item_matrix_batch_size", 256))
+        # AMP only helps (and is only enabled) on CUDA; the trainer's autocast covers training
+        self.amp = bool(cfg_get(config, "enable_amp", False)) and torch.device(config["device"]).type == "cuda"
         self.show_progress = bool(cfg_get(config, "show_progress", False))
         counts = torch.as_tensor(train_item_counts(dataset), dtype=torch.float64).clamp(min=1.0)
         self.register_buffer("log_pop", (counts / counts.sum()).log().float(), persistent=False)
@@ -90,10 +92,10 @@ class MMSequentialRecommender(SequentialRecommender):
                 from tqdm.auto import tqdm
 
                 chunks = tqdm(chunks, desc="item matrix", unit="chunk", leave=False)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cuda", enabled=self.amp):
                 parts = []
                 for chunk in chunks:
-                    parts.append(self.item_tower(chunk))
+                    parts.append(self.item_tower(chunk).float())
                     self._count(len(chunk))
                 matrix = torch.cat(parts, 0)
         matrix = torch.cat([torch.zeros_like(matrix[:1]), matrix[1:]], 0)
