@@ -81,3 +81,58 @@ def test_full_softmax_excludes_padding():
     got = losses.full_softmax_loss(user, torch.tensor([[1, 0]]), matrix)
     want = -math.log(math.exp(1) / (math.exp(1) + math.exp(0) + math.exp(0.5)))
     assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def _per_slot_reference(user, targets, slots, slot_vecs, items, users, log_p_of):
+    """The originals' formulation, written slot by slot: one column per batch slot, the user's own items masked
+    except the target's own slot; copies of the target in other users' slots excluded (our one deviation)."""
+    total, n = 0.0, 0
+    for b in range(user.shape[0]):
+        own = set(items[b].tolist())
+        for t in range(user.shape[1]):
+            tgt = int(targets[b, t])
+            if tgt == 0:
+                continue
+            num, den = None, 0.0
+            for (sb, si), sid in zip(slots, [int(items[x, y]) for x, y in slots]):
+                logit = float(user[b, t] @ slot_vecs[sid]) - log_p_of[sid]
+                if sb == b and sid == tgt and num is None:
+                    num = math.exp(logit)
+                    den += num
+                elif sid in own or sid == tgt:
+                    continue
+                else:
+                    den += math.exp(logit)
+            total += -math.log(num / den)
+            n += 1
+    return total / n
+
+
+def test_inbatch_weights_candidates_by_their_slots():
+    torch.manual_seed(0)
+    items = torch.tensor([[1, 2, 3], [1, 4, 5], [1, 2, 6]])  # item 1 in every window, 2 in two
+    targets = torch.tensor([[2, 3], [4, 5], [2, 6]])
+    user = torch.randn(3, 2, 4)
+    vec = {i: torch.randn(4) for i in range(1, 7)}
+    counts_by_item = {1: 3, 2: 2, 3: 1, 4: 1, 5: 1, 6: 1}
+    log_p = {i: math.log(0.1 * i) for i in range(1, 7)}
+    cand = torch.tensor(sorted(vec))
+    got = losses.inbatch_softmax_loss(
+        user, targets, cand, torch.stack([vec[i] for i in cand.tolist()]), items, torch.tensor([0, 1, 2]),
+        torch.tensor([log_p[i] for i in cand.tolist()]), torch.tensor([counts_by_item[i] for i in cand.tolist()]),
+    )
+    slots = [(b, s) for b in range(3) for s in range(3)]
+    want = _per_slot_reference(user, targets, slots, vec, items, None, log_p)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_negatives_avoid_the_users_whole_training_sequence():
+    g = torch.Generator().manual_seed(1)
+    items = torch.tensor([[1, 2], [3, 0]])  # the windows
+    users = torch.tensor([0, 1])
+    n_items = 10
+    training = {0: [1, 2, 5, 6, 7], 1: [3, 8, 9]}  # older windows hold 5, 6, 7 / 8, 9
+    keys = torch.tensor(sorted(u * n_items + i for u, its in training.items() for i in its))
+    neg = losses.sample_negatives(items, n_items, 300, generator=g, users=users, forbidden_keys=keys)
+    assert set(neg[0].tolist()) == {3, 4, 8, 9}
+    assert set(neg[1].tolist()) == {1, 2, 4, 5, 6, 7}

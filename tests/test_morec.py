@@ -35,6 +35,14 @@ def build(cfg, **over):
     return config, dataset, train, valid, test, model, trainer
 
 
+def encoder_module_params(model):
+    """Names of every parameter inside the pretrained encoders (adapters included)."""
+    from recbole_mm.encoders import ImageEncoder, TextEncoder
+
+    return {f"{p}.{n}" for p, m in model.named_modules() if isinstance(m, (TextEncoder, ImageEncoder))
+            for n, _ in m.named_parameters()}
+
+
 def steps(model, trainer, batch, n):
     model.train()
     out = []
@@ -64,7 +72,7 @@ CASES = [
 def test_modes_train_and_evaluate(morec_cfg, i, case):
     config, dataset, train, valid, test, model, trainer = build(morec_cfg, **case)
     batch = next(iter(train))
-    enc = {n: p.detach().clone() for n, p in model.named_parameters() if n in model.encoder_parameter_names()}
+    enc = {n: p.detach().clone() for n, p in model.named_parameters() if n in encoder_module_params(model)}
     losses = steps(model, trainer, batch, 25)
     assert losses[-1] < 0.97 * losses[0], losses
     after = dict(model.named_parameters())
@@ -129,9 +137,15 @@ def test_parameter_groups(morec_cfg):
     assert set(groups) == {"model", "encoder"}
     assert groups["model"]["lr"] == 0.01 and groups["encoder"]["lr"] == 0.0005
     assert groups["model"]["weight_decay"] == 0.1 and groups["encoder"]["weight_decay"] == 0.0
-    enc_params = {id(p) for n, p in model.named_parameters() if n in model.encoder_parameter_names() and p.requires_grad}
+    enc_params = {id(p) for n, p in model.named_parameters() if n in encoder_module_params(model) and p.requires_grad}
     assert {id(p) for p in groups["encoder"]["params"]} == enc_params
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    # LoRA adapters are new weights: they learn with the model's rate
+    *_, model, trainer = build(morec_cfg, mode="end2end", modality="text", finetune="lora", learning_rate=0.01,
+                               encoder_learning_rate=0.0005)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and lora <= {id(p) for p in groups["model"]["params"]} and "encoder" not in groups
 
 
 def test_cold_item_metrics(morec_cfg):
@@ -144,6 +158,50 @@ def test_cold_item_metrics(morec_cfg):
     assert 0.0 <= result["cold_test_result"]["hit@10"] <= 1.0
     assert result["cold_valid_result"]["rows"] > 0
     assert len(result["train_loss_history"]) == 1
+
+
+def test_cold_metrics_over_every_item_equal_the_overall_metrics(morec_cfg):
+    config, dataset, train, valid, test, model, trainer = build(morec_cfg, cold_item_threshold=10**9,
+                                                                metrics=["Hit", "NDCG", "MRR", "Recall"])
+    trainer.fit(train, valid, saved=False)
+    overall = trainer.evaluate(test, load_best_model=False)
+    cold = dict(trainer.cold_test_result)
+    assert cold.pop("rows") == len(test._dataset)
+    assert cold == dict(overall)
+
+
+def test_training_counts_and_user_sequences(morec_cfg):
+    config = Config(model="MoRec", dataset="mm-tiny", config_dict=morec_cfg)
+    dataset = create_dataset(config)
+    uid, iid, n = dataset.uid_field, dataset.iid_field, dataset.item_num
+    users, items = dataset.inter_feat[uid].to_numpy(), dataset.inter_feat[iid].to_numpy()
+    train, valid, test = data_preparation(config, dataset)
+    held_out = [(d._dataset.inter_feat[uid].numpy(), d._dataset.inter_feat[iid].numpy()) for d in (valid, test)]
+    # training split = every interaction but each user's valid and test targets (ml-100k has no repeats)
+    want = np.bincount(items, minlength=n) - sum(np.bincount(i, minlength=n) for _, i in held_out)
+    assert np.array_equal(train._dataset.train_item_counts, want)
+    keys = set((users * n + items).tolist()) - {int(u) * n + int(i) for us, its in held_out for u, i in zip(us, its)}
+    assert set(train._dataset.train_user_item_keys.tolist()) == keys
+    model = recbole_mm.get_model("MoRec")(config, train._dataset)
+    p = np.maximum(want, 1) / np.maximum(want, 1).sum()
+    assert np.allclose(model.log_pop.numpy(), np.log(p), atol=1e-5)
+
+
+def test_seq_mode_of_data_and_model_agree(morec_cfg):
+    config, dataset, train, *_ = build(morec_cfg, seq_mode="prefix")
+    assert train._dataset.seq_mode == "prefix"
+    config["seq_mode"] = "all_position"
+    with pytest.raises(ValueError, match="built for seq_mode 'prefix'"):
+        recbole_mm.get_model("MoRec")(config, train._dataset)
+
+
+def test_loading_weights_drops_the_cached_matrix(morec_cfg):
+    config, dataset, train, valid, test, model, trainer = build(morec_cfg)
+    model.eval()
+    model.item_matrix()
+    assert model._item_matrix is not None
+    model.load_state_dict(model.state_dict())
+    assert model._item_matrix is None
 
 
 def test_ce_needs_cached_features(morec_cfg):

@@ -9,7 +9,8 @@ What they add to RecBole's classes (nothing else changes):
 - :attr:`item_content`: the item text / images / frozen features of :mod:`recbole_mm.data.content`, aligned
   once to RecBole's internal item ids;
 - (sequential) ``train_item_counts`` on every split: interactions per item in the training split (for logQ
-  corrections and cold-item metrics);
+  corrections and cold-item metrics); ``train_user_item_keys``: the sorted ``user * item_num + item`` keys of
+  the training interactions (negatives outside a user's training sequence); ``seq_mode``: the mode applied;
 - (sequential) the seed papers' all-position training data: when the model class has
   ``supports_all_position`` and ``seq_mode: all_position``, the training split keeps one example per window of
   ``L + 1`` items (``L = MAX_ITEM_LIST_LENGTH``): for each user, the prefix examples whose target is the
@@ -96,19 +97,29 @@ class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
         datasets = super().build()
         train = datasets[0]
         counts = _count_training_items(train)
-        if _all_position(self.config):
+        keys = training_user_item_keys(train)
+        mode = seq_mode_of(self.config)
+        if mode == "all_position" and _check_all_position(self.config):
             train = train.copy(train.inter_feat[_window_ends(train)])
             datasets = [train] + list(datasets[1:])
         for d in datasets:
             d.train_item_counts = counts
+            d.train_user_item_keys = keys
+            d.seq_mode = mode
         return datasets
 
 
-def _all_position(config) -> bool:
+DEFAULT_SEQ_MODE = "prefix"
+
+
+def seq_mode_of(config) -> str:
+    """The sequence mode of a run (``seq_mode``; RecBole's ``prefix`` when unset): one default for data and model."""
+    return config["seq_mode"] or DEFAULT_SEQ_MODE
+
+
+def _check_all_position(config) -> bool:
     from recbole_mm.registry import model_class_of
 
-    if (config["seq_mode"] or "prefix") != "all_position":
-        return False
     model_cls = model_class_of(config)
     if not getattr(model_cls, "supports_all_position", False):
         raise ValueError(f"seq_mode: all_position needs a model that trains at every position; {config['model']} "
@@ -126,6 +137,18 @@ def _count_training_items(train) -> np.ndarray:
     length = train.inter_feat[train.item_list_length_field].numpy()
     firsts = seq[length == 1, 0]
     return np.bincount(targets, minlength=n) + np.bincount(firsts, minlength=n)
+
+
+def training_user_item_keys(train) -> np.ndarray:
+    """Sorted unique ``user * item_num + item`` of every training interaction (targets and first items)."""
+    uid, iid = train.uid_field, train.iid_field
+    users = train.inter_feat[uid].numpy()
+    targets = train.inter_feat[iid].numpy()
+    seq = train.inter_feat[train.item_id_list_field].numpy()
+    first = train.inter_feat[train.item_list_length_field].numpy() == 1
+    all_users = np.concatenate([users, users[first]]).astype(np.int64)
+    all_items = np.concatenate([targets, seq[first, 0]]).astype(np.int64)
+    return np.unique(all_users * train.item_num + all_items)
 
 
 def _window_ends(train) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_mm.data.dataset import MMSequentialDataset, train_item_counts
+from recbole_mm.data.dataset import MMSequentialDataset, training_user_item_keys, seq_mode_of, train_item_counts
 from recbole_mm.model import losses
 from recbole_mm.trainer import MMTrainer
 from recbole_mm.utils import cfg_get
@@ -46,10 +46,13 @@ class MMSequentialRecommender(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.content = dataset.item_content
-        self.seq_mode = cfg_get(config, "seq_mode", "all_position")
+        self.seq_mode = seq_mode_of(config)
         self.loss_name = cfg_get(config, "loss", "inbatch")
         if self.seq_mode not in SEQ_MODES:
             raise ValueError(f"seq_mode must be one of {SEQ_MODES}, got {self.seq_mode!r}")
+        applied = getattr(dataset, "seq_mode", self.seq_mode)
+        if applied != self.seq_mode:
+            raise ValueError(f"the training data was built for seq_mode {applied!r}, the model asks for {self.seq_mode!r}")
         if self.loss_name not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss_name!r}")
         self.item_matrix_batch_size = int(cfg_get(config, "item_matrix_batch_size", 256))
@@ -58,6 +61,11 @@ class MMSequentialRecommender(SequentialRecommender):
         self.show_progress = bool(cfg_get(config, "show_progress", False))
         counts = torch.as_tensor(train_item_counts(dataset), dtype=torch.float64).clamp(min=1.0)
         self.register_buffer("log_pop", (counts / counts.sum()).log().float(), persistent=False)
+        keys = getattr(dataset, "train_user_item_keys", None)
+        keys = keys if keys is not None else training_user_item_keys(dataset)
+        self.register_buffer("train_keys", torch.as_tensor(keys, dtype=torch.int64), persistent=False)
+        # weights loaded from a checkpoint (directly or through a wrapper such as DDP) make the cache stale
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.invalidate_item_matrix())
         self.items_encoded_train = 0
         self.items_encoded_eval = 0
         self._item_matrix = None
@@ -111,10 +119,6 @@ class MMSequentialRecommender(SequentialRecommender):
             self.invalidate_item_matrix()  # parameters will change: the cached matrix is stale
         return super().train(mode)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self.invalidate_item_matrix()  # e.g. the best checkpoint loaded before the test evaluation
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     # --------------------------------------------------------------- batches
     def sequence_targets(self, interaction):
         """``(inputs [B, L], lengths [B], targets [B, L], seq_items [B, L + 1])`` for the current ``seq_mode``."""
@@ -145,19 +149,21 @@ class MMSequentialRecommender(SequentialRecommender):
             matrix = self.item_matrix()  # every item once; the batch's vectors are rows of it
             states = self.user_states(seq, lengths, matrix[seq])
             return losses.full_softmax_loss(states, targets, matrix)
+        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         all_ids = full
         if self.loss_name == "bce":
-            all_ids = torch.cat([full, losses.sample_negatives(full, self.n_items, length)], 1)
-        uniq, inverse = torch.unique(all_ids, return_inverse=True)
+            negatives = losses.sample_negatives(full, self.n_items, length, users=users,
+                                                forbidden_keys=self.train_keys if users is not None else None)
+            all_ids = torch.cat([full, negatives * (targets > 0)], 1)  # negatives only where there is a loss
+        uniq, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
         uniq_vecs = self.item_tower(uniq)
         self._count(len(uniq))
         vecs = uniq_vecs[inverse]
         states = self.user_states(seq, lengths, vecs[:, :length])
         if self.loss_name == "inbatch":
-            users = interaction[self.USER_ID] if self.USER_ID in interaction else None
             keep = uniq > 0
             return losses.inbatch_softmax_loss(
-                states, targets, uniq[keep], uniq_vecs[keep], full, users, self.log_pop[uniq[keep]]
+                states, targets, uniq[keep], uniq_vecs[keep], full, users, self.log_pop[uniq[keep]], counts[keep]
             )
         valid = targets > 0
         return losses.bce_loss(states[valid], vecs[:, 1 : length + 1][valid], vecs[:, length + 1 :][valid])
@@ -179,13 +185,14 @@ class MMSequentialRecommender(SequentialRecommender):
 
     # ------------------------------------------------------------- optimizer
     def encoder_parameter_names(self) -> set:
-        """Names of parameters that belong to pretrained encoders (their own learning-rate group)."""
+        """Names of the pretrained encoders' own parameters (their own learning-rate group)."""
         from recbole_mm.encoders import ImageEncoder, TextEncoder
 
         names = set()
         for prefix, module in self.named_modules():
             if isinstance(module, (TextEncoder, ImageEncoder)):
-                names |= {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+                # adapters (LoRA) are new weights: they learn with the model's rate, like the heads
+                names |= {f"{prefix}.{n}" for n, _ in module.named_parameters() if "lora_" not in n}
         return names
 
     def optimizer_groups(self, config) -> list:

@@ -2,7 +2,7 @@
 
 - parameter groups: the model's ``optimizer_groups(config)`` (encoder vs the rest, each with its own learning
   rate and weight decay) in the one optimizer RecBole builds;
-- AMP only when it can help: ``enable_amp`` is honoured on CUDA and ignored on the CPU;
+- AMP only when it can help: ``enable_amp`` is honoured on CUDA (with a GradScaler) and ignored on the CPU;
 - cold-item metrics: the configured ranking metrics again, over test (valid) targets whose item had at most
   ``cold_item_threshold`` interactions in the training split (``cold_valid_result`` for the best epoch,
   ``cold_test_result`` for the final test; ``None`` threshold disables them);
@@ -60,6 +60,8 @@ class MMTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.enable_amp = bool(config["enable_amp"]) and torch.device(config["device"]).type == "cuda"
+        # fp16 autocast needs loss scaling (gradients underflow otherwise): on with AMP
+        self.enable_scaler = torch.cuda.is_available() and (bool(config["enable_scaler"]) or self.enable_amp)
         self.eval_collector = ColdItemCollector(config)
         self.cold_item_threshold = cfg_get(config, "cold_item_threshold")
         self.cold_valid_result = None

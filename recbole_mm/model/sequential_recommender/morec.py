@@ -7,8 +7,8 @@ Reference:
     Zheng Yuan, Fajie Yuan, Yu Song, Youhua Li, Junchen Fu, Fei Yang, Yunzhu Pan, Yongxin Ni. "Where to Go Next
     for Recommender Systems? ID- vs. Modality-based Recommender Models Revisited." SIGIR 2023.
 
-Reference code:
-    https://github.com/westlake-repl/IDvs.MoRec
+Reference:
+    https://github.com/westlake-repl/IDvs.MoRec (code)
 """
 
 from __future__ import annotations
@@ -47,8 +47,14 @@ class MoRec(MMSequentialRecommender):
           ``keep_last_n: L + 3`` for exactly that).
         - Freezing is by module position (``finetune: top_k``) instead of by parameter index
           (``freeze_paras_before``); the unused BERT pooler is always frozen.
-        - The in-batch loss uses each batch item once as a candidate (the original has one column per batch
-          slot, so repeated items appear several times) and also masks items of other windows of the same user.
+        - The in-batch loss has one column per unique batch item weighted by its number of batch slots (the
+          original has one column per slot: the same softmax), except that copies of the target item in other
+          users' sequences are not negatives; items of other windows of the same user are masked too.
+        - BCE negatives avoid the user's whole training sequence (the original: the user's truncated sequence,
+          which is the same with ``keep_last_n: L + 3``).
+        - Under ``top_k`` / ``lora``, fully frozen encoder blocks run in eval mode (no dropout, no BatchNorm
+          statistics updates); the original keeps the whole encoder in train mode.
+        - LoRA adapters learn with ``learning_rate`` (new weights, like the heads), not ``encoder_learning_rate``.
         - Two modalities (``text+image``) are fused by ``sum`` or ``concat`` (the paper studies one modality at
           a time).
         - Images: square resize to ``image_size`` and the encoder's own normalisation (the original uses mean /
@@ -111,7 +117,8 @@ class MoRec(MMSequentialRecommender):
         return ImageTower(encoder, self.content, d)
 
     def forward(self, item_seq, item_seq_len):
-        # [B, L] ids -> [B, L, D] user states at every position
-        return self.user_states(item_seq, item_seq_len, self.encode_items(item_seq))
+        # [B, L] ids -> [B, D]: the user state after the last item (RecBole's SASRec contract)
+        states = self.user_states(item_seq, item_seq_len, self.encode_items(item_seq))
+        return self.gather_indexes(states, item_seq_len - 1)
 
     # calculate_loss / predict / full_sort_predict: MMSequentialRecommender (shared by every multimodal model)
