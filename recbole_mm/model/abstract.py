@@ -146,9 +146,10 @@ class MMSequentialRecommender(SequentialRecommender):
             if self.expensive_item_tower:
                 raise ValueError(f"{type(self).__name__}: loss 'ce' needs every item vector at every step; use cached "
                                  "features (two-stage) or the inbatch / bce losses")
-            matrix = self.item_matrix()  # every item once; the batch's vectors are rows of it
-            states = self.user_states(seq, lengths, matrix[seq])
-            return losses.full_softmax_loss(states, targets, matrix)
+            real = self.item_tower(torch.arange(1, self.n_items, device=seq.device))  # every item once
+            self._count(self.n_items - 1)
+            states = self.user_states(seq, lengths, real[(seq - 1).clamp(min=0)])  # padding zeroed there
+            return losses.full_softmax_loss(states, targets, real, first_id=1)
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         all_ids = full
         if self.loss_name == "bce":

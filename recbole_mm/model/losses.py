@@ -112,9 +112,13 @@ def sample_negatives(
     return neg
 
 
-def full_softmax_loss(user_vecs: torch.Tensor, target_ids: torch.Tensor, item_matrix: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over all items (column 0, padding, excluded) at positions with a target."""
+def full_softmax_loss(
+    user_vecs: torch.Tensor, target_ids: torch.Tensor, item_matrix: torch.Tensor, first_id: int = 0
+) -> torch.Tensor:
+    """Cross-entropy over all items at positions with a target. ``item_matrix`` row ``r`` is item
+    ``first_id + r``; with ``first_id=0`` its row 0 is padding and is excluded."""
     valid = target_ids > 0
     logits = user_vecs[valid] @ item_matrix.t()
-    logits[:, 0] = float("-inf")
-    return F.cross_entropy(logits, target_ids[valid])
+    if first_id == 0:
+        logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, target_ids[valid] - first_id)
