@@ -7,13 +7,14 @@ lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the re
 - evaluation: the whole item matrix is computed once per evaluation pass (no grad, chunks of
   ``item_matrix_batch_size``, progress bar when ``show_progress``), reused by every ``full_sort_predict`` /
   ``predict`` batch of the pass, and dropped when training resumes (``train()``), when weights are loaded
-  (``load_state_dict``) and when the next evaluation pass starts (:class:`~recbole_mm.trainer.MMTrainer`). ``items_encoded_eval`` counts the item
-  tower's rows in eval mode, so one evaluation pass adds exactly ``n_items``;
+  (``load_state_dict``) and when the next evaluation pass starts (:class:`~recbole_mm.trainer.MMTrainer`).
+  ``items_encoded_eval`` counts the item tower's rows in eval mode: one evaluation pass adds ``n_items``;
 - sequence modes (``seq_mode``): ``all_position`` (the seed papers: one example per window of ``L + 1`` items,
   a loss at every position; see :class:`~recbole_mm.data.dataset.MMSequentialDataset`) or ``prefix``
   (RecBole's augmentation: a loss at the last position of each prefix);
 - losses (``loss``): ``inbatch`` (softmax over the batch's items, logQ-corrected with training-split counts,
-  same-user items masked), ``bce`` (one uniform negative per position, outside the user's sequence), ``ce``
+  same-user items masked), ``bce`` (one uniform negative per position, outside the user's training
+  sequence), ``ce``
   (softmax over all items: only when the item tower is cheap, i.e. cached features);
 - parameter groups (:meth:`optimizer_groups`): encoder parameters get ``encoder_learning_rate`` /
   ``encoder_weight_decay``, the rest ``learning_rate`` / ``weight_decay``.
@@ -25,7 +26,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_mm.data.dataset import MMSequentialDataset, training_user_item_keys, seq_mode_of, train_item_counts
+from recbole_mm.data.dataset import MMSequentialDataset, seq_mode_of, train_item_counts, training_user_item_keys
 from recbole_mm.model import losses
 from recbole_mm.trainer import MMTrainer
 from recbole_mm.utils import cfg_get
