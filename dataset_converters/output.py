@@ -4,6 +4,10 @@ The dataset is built in ``OUT_ROOT/.NAME.tmp-<random>`` and renamed to ``OUT_ROO
 written, so an interrupted or failed run leaves no half-written dataset (the temporary folder is removed). An
 existing ``OUT_ROOT/NAME`` is refused unless ``overwrite`` is set.
 
+A run holds a lock (``OUT_ROOT/.NAME.lock``, :class:`recbole_mm.atomic.BuildLock` on ``filelock``) from start to
+end, so two conversions into the same ``OUT_ROOT/NAME`` run one after the other. While holding it, a run removes
+what a killed run left (``.NAME.tmp-*`` and ``.NAME.old-*`` folders, the stale lock) and says so in a warning.
+
 Files are UTF-8, tab-separated, ``\\n`` line endings, no quoting: values never contain tabs or line breaks (the
 text rule of :mod:`dataset_converters.text` and the id checks of :mod:`dataset_converters.interactions`
 guarantee it), so a reader splits lines at ``\\t`` (pandas: ``sep="\\t", quoting=csv.QUOTE_NONE``).
@@ -11,6 +15,8 @@ guarantee it), so a reader splits lines at ``\\t`` (pandas: ``sep="\\t", quoting
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +26,8 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from dataset_converters.errors import ConversionError
+
+logger = logging.getLogger("dataset_converters")
 
 
 class AtomicDir:
@@ -33,27 +41,51 @@ class AtomicDir:
         self.target = os.path.join(self.out_root, name)
         self.overwrite = overwrite
         self.tmp = ""
+        self._lock = None
+
+    def leftovers(self) -> list[str]:
+        """Temporary folders of killed runs into the same ``OUT_ROOT/NAME`` (call while holding the lock)."""
+        pattern = os.path.join(glob.escape(self.out_root), "." + glob.escape(self.name))
+        return sorted(glob.glob(pattern + ".tmp-*") + glob.glob(pattern + ".old-*"))
 
     def __enter__(self) -> str:
-        if os.path.exists(self.target) and not self.overwrite:
-            raise ConversionError(f"output folder {self.target} already exists; pass --overwrite to replace it")
+        from recbole_mm.atomic import BuildLock, remove_leftovers
+
         os.makedirs(self.out_root, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_root)
-        os.chmod(self.tmp, 0o755)
+        self._lock = BuildLock(os.path.join(self.out_root, f".{self.name}.lock"), what=f"dataset {self.target}",
+                               log=logger)
+        self._lock.__enter__()
+        try:
+            remove_leftovers(self.leftovers(), "conversion", logger)
+            if os.path.exists(self.target) and not self.overwrite:
+                raise ConversionError(f"output folder {self.target} already exists; pass --overwrite to replace it")
+            self.tmp = tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_root)
+            os.chmod(self.tmp, 0o755)
+        except BaseException:
+            self._release()
+            raise
         return self.tmp
 
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            old = None
+            if os.path.exists(self.target):
+                old = tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_root)
+                os.replace(self.target, os.path.join(old, self.name))
+            os.replace(self.tmp, self.target)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
             return False
-        old = None
-        if os.path.exists(self.target):
-            old = tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_root)
-            os.replace(self.target, os.path.join(old, self.name))
-        os.replace(self.tmp, self.target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+        finally:
+            self._release()
 
 
 def write_table_columnar(path: str, header: Sequence[str], table: pa.Table) -> None:

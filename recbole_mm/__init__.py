@@ -8,27 +8,50 @@ Public API::
     recbole_mm.load_data_and_model(path)
     recbole_mm.register_model            # decorator for your own models
     recbole_mm.list_models()
+    recbole_mm.install()                 # patch RecBole's own entry points now (otherwise: on their import)
 
-Importing the package also makes RecBole's own entry points (``recbole.quick_start.run_recbole``,
-``objective_function``, ``load_data_and_model``) find plugin models and their yaml (:func:`registry.install`).
+Importing the package is cheap: it imports neither torch nor recbole nor ray (``recbole-mm --help`` stays fast).
+The entry points load on first use (module ``__getattr__``). It also registers post-import hooks
+(:func:`recbole_mm.patch.watch`), so that RecBole's own entry points (``recbole.quick_start.run_recbole``,
+``objective_function``, ``load_data_and_model``) find plugin models and their yaml as soon as
+``recbole.quick_start`` is imported (or at once, if it already is).
 """
 
-__version__ = "0.1.0"
+from recbole_mm._version import __version__
+from recbole_mm import patch as _patch
+from recbole_mm.patch import install
+from recbole_mm.registry import get_model, is_model, list_models, register_model
 
-from recbole_mm import compat  # noqa: E402,F401  (first: numpy aliases before recbole / ray import)
-from recbole_mm.registry import get_model, list_models, register_model  # noqa: E402
-from recbole_mm.quick_start import load_data_and_model, objective_function, run_recbole  # noqa: E402
-from recbole_mm.config import Config  # noqa: E402
-from recbole_mm import registry as _registry  # noqa: E402
-
-_registry.install()
+_patch.watch()
 
 __all__ = [
     "Config",
+    "__version__",
     "get_model",
+    "install",
+    "is_model",
     "list_models",
     "load_data_and_model",
     "objective_function",
     "register_model",
     "run_recbole",
 ]
+
+_LAZY = ("Config", "load_data_and_model", "objective_function", "run_recbole")
+
+
+def __getattr__(name):
+    """The entry points that need torch / recbole, imported on first access."""
+    if name == "Config":
+        from recbole_mm.config import Config
+
+        return Config
+    if name in ("load_data_and_model", "objective_function", "run_recbole"):
+        from recbole_mm import quick_start
+
+        return getattr(quick_start, name)
+    raise AttributeError(f"module 'recbole_mm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,7 +1,9 @@
 """``recbole-mm``: run | tune | extract | convert | models | info.
 
 Every command defaults to the embedded dataset ``ml-100k-mm`` (built on first use). ``key=value`` arguments
-override config keys (values are parsed as YAML: ``epochs=5``, ``text_fields=[title,genres]``).
+override config keys (values are parsed as YAML: ``epochs=5``, ``text_fields=[title,genres]``); an unknown key
+warns with the closest known one. An error ends the command with one line on stderr naming what is wrong and
+exit code 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from typing import Optional
 
 import yaml
@@ -70,10 +73,22 @@ def results_table(rows: dict) -> str:
 
 
 # --------------------------------------------------------------------------- run
+def _config_dict(args) -> dict:
+    """The command's ``key=value`` overrides (unknown keys warn, naming the command line), plus ``--data-path``."""
+    config_dict = parse_overrides(args.overrides)
+    from recbole_mm.config import warn_unknown_keys
+    from recbole_mm.registry import get_model
+
+    warn_unknown_keys(list(config_dict), "the command line", get_model(getattr(args, "model", None) or "SASRec"))
+    if getattr(args, "data_path", None):
+        config_dict["data_path"] = args.data_path
+    return config_dict
+
+
 def cmd_run(args) -> int:
     import recbole_mm
 
-    config_dict = parse_overrides(args.overrides)
+    config_dict = _config_dict(args)
     with _plain_argv():
         result = recbole_mm.run_recbole(
             model=args.model,
@@ -144,7 +159,7 @@ def cmd_tune(args) -> int:
     if not args.params_file and not args.space:
         raise SystemExit("recbole-mm tune: give --params-file FILE or at least one --space name=choice([...])")
     fixed = {"model": args.model, "dataset": args.dataset}
-    fixed.update(parse_overrides(args.overrides))
+    fixed.update(_config_dict(args))
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
         yaml.safe_dump(fixed, f)
         fixed_file = f.name
@@ -197,8 +212,10 @@ def _parse_taps(value: Optional[str]):
 def cmd_extract(args) -> int:
     from recbole_mm.data.utils import ensure_dataset_folder
     from recbole_mm.extract import default_feature_path, extract_features, spec_from_config
+    from recbole_mm.threads import configure_threads
 
-    overrides = parse_overrides(args.overrides)
+    configure_threads()
+    overrides = _config_dict(args)
     if args.encoder:
         overrides[f"{args.modality}_encoder"] = args.encoder
     if args.pooling:
@@ -270,15 +287,25 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- main
+DATA_PATH_HELP = "folder holding <dataset>/ (same as data_path=DIR; default: config data_path, ./dataset)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbole-mm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,tune,extract,convert,models,info}")
 
     def common(sp, with_model=True, model_help="model name"):
         if with_model:
             sp.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"{model_help} (default {DEFAULT_MODEL})")
         sp.add_argument("--dataset", "-d", default=DEFAULT_DATASET, help=f"dataset name (default {DEFAULT_DATASET})")
+        sp.add_argument("--data-path", metavar="DIR", help=DATA_PATH_HELP)
         sp.add_argument("--config-files", "-c", nargs="+", default=[], metavar="YAML", help="config files, in order")
+        debug(sp)
+
+    def debug(sp):
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the traceback instead of one line")
 
     r = sub.add_parser("run", help="train and evaluate a model", description="Train and evaluate a model (RecBole's run_recbole).")
     common(r)
@@ -306,7 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Encoder settings not given here come from the model's config (--model), so the "
                                    "file is the one that model reads.")
     common(e, model_help="model whose encoder settings apply")
-    e.add_argument("--data-path", help="folder holding <dataset>/ (default: config data_path)")
     e.add_argument("--modality", required=True, choices=["text", "image"])
     e.add_argument("--encoder", help="HF id / local folder (text, image) or timm name (image); default from config")
     e.add_argument("--pooling", help="text: cls|mean|last|pooler; image: default|cls|mean")
@@ -329,15 +355,64 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list models", description="List plugin models and RecBole's stock models.")
     m.add_argument("pattern", nargs="?", help="glob, e.g. '*Rec'")
     m.add_argument("--source", default="all", choices=["all", "plugin", "recbole"])
+    debug(m)
     m.set_defaults(func=cmd_models)
 
     i = sub.add_parser("info", help="dataset statistics and content / feature files",
                        description="Dataset statistics, which content and feature files exist, and whether they align.")
     common(i, with_model=False)
-    i.add_argument("--data-path", help="folder holding <dataset>/")
     i.add_argument("--verify", action="store_true", help="also verify feature checksums (reads every file)")
     i.set_defaults(func=cmd_info)
     return p
+
+
+# Exceptions whose message says everything (the type name would only add noise).
+_SELF_EXPLAINING = (ValueError, LookupError, OSError)
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """One line for an error: what went wrong (the message names the key / file and the fix) and ``--debug``."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = " ".join(str(msg).split())
+    if not msg or not isinstance(exc, _SELF_EXPLAINING):
+        msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return f"recbole-mm {command}: error: {msg} (--debug shows the traceback)"
+
+
+def _check_paths(args) -> None:
+    """Files and folders named on the command line exist (checked before anything heavy is imported)."""
+    for path in getattr(args, "config_files", None) or ():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} (--config-files) does not exist")
+        try:  # RecBole parses the text, so its yaml errors would not name the file
+            with open(path, encoding="utf-8") as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"config file {path!r} is not valid YAML{where}: {getattr(e, 'problem', None) or e}; "
+                             f"fix the file (key: value per line)") from e
+        if content is not None and not isinstance(content, dict):
+            raise ValueError(f"config file {path!r} must hold 'key: value' lines, not a {type(content).__name__}")
+    data_path = getattr(args, "data_path", None)
+    if data_path and not os.path.isdir(data_path):
+        raise FileNotFoundError(f"--data-path {data_path!r} is not a folder; give the folder that holds <dataset>/")
+
+
+def _show_warnings_briefly() -> None:
+    """Unknown-key warnings as ``recbole-mm: warning: ...`` lines; other warnings as Python shows them."""
+    shown = warnings.showwarning
+    if getattr(shown, "recbole_mm", False):  # main() called again in the same process
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "UnknownConfigKeyWarning":
+            print(f"recbole-mm: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.recbole_mm = True
+    warnings.showwarning = show
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -351,11 +426,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.overrides.append(extra)
         else:
             parser.error(f"unrecognized argument {extra!r}")
-    import torch
-
-    if os.environ.get("RECBOLE_MM_THREADS"):
-        torch.set_num_threads(int(os.environ["RECBOLE_MM_THREADS"]))
-    return int(args.func(args) or 0)
+    _show_warnings_briefly()
+    try:
+        _check_paths(args)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"recbole-mm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(error_line(args.command, e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The few shims RecBole 1.2.1 needs on today's numpy / pandas / torch / setuptools. Imported first.
+"""The few shims RecBole 1.2.1 needs on today's numpy / pandas / torch / setuptools.
+
+Importing this module is cheap (no numpy, torch or recbole). :mod:`recbole_mm.patch` applies each shim when the
+module it is about finishes importing (or at once when it already has): the numpy aliases after ``numpy``, the
+trusted checkpoint loads after each of RecBole's load sites, the anomaly switch after RecBole's ``sine.py``.
 
 Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that fails without it.
 
@@ -6,6 +10,11 @@ Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that 
   ``Config.compatibility_settings`` reads ``np.float_`` on every Config, and ray's tensorboard logger reads
   ``np.bool8`` at import (``recbole.quick_start`` imports ray). Ray worker processes need the same aliases:
   :func:`ray_init_kwargs` passes :func:`apply_numpy_aliases` as their ``worker_process_setup_hook``.
+- RecBole's ``Config.compatibility_settings`` also sets ``np.float``, ``np.bool``, ``np.int`` ... which its
+  metrics and data code use, but only when a Config is *constructed*. A Config unpickled from a checkpoint in a
+  new process (``load_data_and_model`` then ``trainer.evaluate``) never runs it: ``numpy has no attribute
+  float``. :func:`recbole_numpy_settings` runs it for an existing Config (``recbole_mm.config.Config``'s
+  ``__setstate__`` and both ``load_data_and_model``s call it).
 - torch >= 2.6 loads with ``weights_only=True``; RecBole's checkpoints pickle the whole Config (protocol 4,
   which the weights-only unpickler rejects outright). RecBole only ever loads checkpoints its own trainer
   wrote, so :func:`trust_recbole_checkpoint_loads` gives exactly RecBole's load sites (trainer resume / best
@@ -15,7 +24,7 @@ Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that 
 - ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` at import,
   and looking up any sequential model (``get_model('SASRec')``) imports the whole package: every backward pass
   in the process then records stack traces (measured: small ops ~4x slower). :func:`undo_recbole_anomaly_mode`
-  imports RecBole's sequential models once and switches anomaly detection back off.
+  switches anomaly detection back off right after ``sine.py`` ran.
 - RecBole's ``get_flops`` (thop) raises on models holding peft adapters ("attribute 'total_ops' already
   exists") and RecBole's ``run_recbole`` calls it unconditionally: :func:`safe_get_flops` honours
   ``count_flops: False`` and turns a failure into a logged warning.
@@ -28,10 +37,9 @@ Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that 
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 import warnings
-
-import numpy as np
 
 _NUMPY_ALIASES = {
     "float_": "float64",
@@ -43,6 +51,8 @@ _NUMPY_ALIASES = {
 
 def apply_numpy_aliases() -> None:
     """Restore the numpy 1 aliases RecBole 1.2.1 and ray 2.6 use (only where missing)."""
+    import numpy as np
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for old, new in _NUMPY_ALIASES.items():
@@ -86,21 +96,34 @@ RECBOLE_LOAD_SITES = (
 )
 
 
+def trust_checkpoint_loads_in(module) -> None:
+    """Give one of RecBole's load sites a ``torch`` whose ``load`` defaults to ``weights_only=False``."""
+    import torch
+
+    if getattr(module, "torch", None) is torch:
+        module.torch = _TorchTrustedLoad(torch)
+
+
 def trust_recbole_checkpoint_loads() -> None:
-    import torch
-
-    proxy = _TorchTrustedLoad(torch)
+    """:func:`trust_checkpoint_loads_in` for every load site (imports them)."""
     for name in RECBOLE_LOAD_SITES:
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = proxy
+        trust_checkpoint_loads_in(importlib.import_module(name))
 
 
-def undo_recbole_anomaly_mode() -> None:
-    import torch
+def undo_recbole_anomaly_mode(module=None) -> None:
+    """Switch off the anomaly detection RecBole's ``sine.py`` switched on at import (once it has run)."""
+    if module is not None or "recbole.model.sequential_recommender.sine" in sys.modules:
+        import torch
 
-    importlib.import_module("recbole.model.sequential_recommender")  # runs sine.py's module-level switch once
-    torch.autograd.set_detect_anomaly(False)
+        torch.autograd.set_detect_anomaly(False)
+
+
+def recbole_numpy_settings(config) -> None:
+    """RecBole's ``Config.compatibility_settings`` (``np.float`` ...) for a Config that was not constructed here."""
+    apply_numpy_aliases()
+    settings = getattr(config, "compatibility_settings", None)
+    if callable(settings):
+        settings()
 
 
 def safe_get_flops(model, dataset, device, logger, transform, verbose=False):
@@ -129,8 +152,9 @@ def _quiet_known_warnings() -> None:
 
 
 def apply() -> None:
-    apply_numpy_aliases()
     _quiet_known_warnings()
+    if "numpy" in sys.modules:
+        apply_numpy_aliases()
 
 
 apply()

@@ -2,7 +2,8 @@
 
 1. builds ml-100k-mm on first use (MovieLens-100K from the recbole package, titles + genres, rendered posters);
 2. extracts frozen features once: all-MiniLM-L6-v2 for the text, EfficientNet-Lite0 for the posters (cached in
-   the dataset folder; later runs reuse them);
+   the dataset folder; later runs reuse them). Steps 1-2 show progress bars (dataset build, image store,
+   each extraction), even though training itself runs with ``show_progress: False`` (one log line per epoch);
 3. trains MoRec (two-stage: Linear + GELU + DNN head over each modality, sum fusion, the seed papers' SASRec
    block, logQ-corrected in-batch softmax over all positions) with RecBole's trainer and early stopping;
 4. prints valid / test metrics, overall and on cold items (at most ``cold_item_threshold`` training
@@ -50,22 +51,49 @@ DEMO_CONFIG = {
 }
 
 
+def prepare(config_dict: dict, dataset: str = "ml-100k-mm", progress: bool = True) -> list[str]:
+    """Build the dataset and extract the features MoRec reads for ``config_dict`` (with progress bars), before
+    training: the model would do it on first use too, but silently when ``show_progress`` is off."""
+    from recbole_mm.cli import _plain_argv
+    from recbole_mm.config import Config
+    from recbole_mm.data.utils import ensure_dataset_folder
+    from recbole_mm.extract import get_or_extract, spec_from_config
+
+    with _plain_argv():
+        config = Config(model="MoRec", dataset=dataset, config_dict=dict(config_dict, state="WARNING"))
+    ensure_dataset_folder(config)
+    if config["mode"] != "two_stage":
+        return []
+    paths = []
+    for modality in ("text", "image"):
+        if modality in str(config["modality"]).split("+"):
+            spec = spec_from_config(config, modality)
+            paths.append(get_or_extract(config, config["data_path"], config["dataset"], spec, progress=progress))
+    return paths
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="demo_output", help="where the plot and the result JSON go")
     parser.add_argument("--epochs", type=int, default=DEMO_CONFIG["epochs"])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: RECBOLE_MM_THREADS, else recbole_mm's default; see "
+                             "docs/configuration.md, Threads)")
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        os.environ["RECBOLE_MM_THREADS"] = str(args.threads)
     import recbole_mm
     from recbole_mm.cli import _jsonable, _plain_argv, results_table
+    from recbole_mm.threads import configure_threads
     from recbole_mm.trainer.trainer import plot_training_curve
+
+    configure_threads()  # before the extraction too (run_recbole applies the same rule again)
 
     config = dict(DEMO_CONFIG, epochs=args.epochs, checkpoint_dir=os.path.join(args.output_dir, "saved"))
     start = time.time()
+    prepare(config)
+    print(f"training MoRec for up to {args.epochs} epochs (one log line per epoch) ...", flush=True)
     with _plain_argv():
         result = recbole_mm.run_recbole(model="MoRec", dataset="ml-100k-mm", config_dict=config)
     minutes = (time.time() - start) / 60

@@ -4,20 +4,27 @@
 
 - Rows: every item token of the dataset folder (``<name>.item`` rows, else the items of ``<name>.inter``),
   sorted, so the file does not depend on RecBole's filtering or id order.
-- Resumable: rows are written batch by batch into ``<stem>.partial.npy`` with a progress file; a rerun after an
-  interruption continues at the next batch. Batches have fixed boundaries, so the result is byte-identical
+- Resumable: rows are written batch by batch into ``<stem>.partial.npy`` with a progress file
+  ``<stem>.progress.json`` (written atomically after the rows it counts); a rerun after an interruption, even
+  a ``kill -9``, continues at the next batch. Batches have fixed boundaries, so the result is byte-identical
   to an uninterrupted run.
+- One extractor per file: the work runs under a lock (:class:`recbole_mm.atomic.BuildLock`, file
+  ``.<stem>.npy.lock``); a second process asking for the same file waits, then uses it. Leftovers of a killed
+  run that cannot be resumed (other settings, temporary files, a stale lock) are removed with a warning.
+- Publication: the sidecar is written first, then the finished rows are renamed to ``<stem>.npy``; a file is
+  complete when both exist.
 - Sharded: ``shard=(i, n)`` computes rows ``[i*N/n, (i+1)*N/n)`` into ``<stem>.shard-i-of-n.npy``; when the
-  last shard finishes, the shards are merged into ``<stem>.npy`` (and removed).
+  last shard finishes, the shards are merged into ``<stem>.npy`` (and removed), under the lock of ``<stem>.npy``:
+  shards finishing together merge once, the others wait and return the merged file.
 - Provenance: the sidecar records encoder, pooling, taps, dtype, shape, token order, checksum and settings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -25,6 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from recbole_mm.atomic import (BuildLock, atomic_write_json, leftover_temps, lock_path_for, read_json,
+                               remove_leftovers, temp_path_for)
 from recbole_mm.data import features as ff
 from recbole_mm.data.content import catalogue_tokens
 from recbole_mm.utils import cfg_get
@@ -51,6 +60,17 @@ class ExtractSpec:
     image_mean: Optional[list] = None  # image: normalisation (None: the encoder's own)
     image_std: Optional[list] = None  # image
     dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.modality == "text":
+            if isinstance(self.text_fields, str):
+                self.text_fields = [self.text_fields]
+            if not self.text_fields:
+                raise ValueError(
+                    "text_fields is empty, but text features need item text: set text_fields to one or more "
+                    "columns of the dataset's .item file (config key text_fields, e.g. text_fields: [title]; "
+                    "recbole-mm extract --text-fields title)"
+                )
 
     def stem(self) -> str:
         """File stem naming everything that changes the vectors, e.g. ``text-mean-len32-title_genres``."""
@@ -185,9 +205,10 @@ def extract_features(
     _stop_after_batches: Optional[int] = None,
 ) -> str:
     """Extract features for every item of the dataset folder. Returns the path of the merged file (or, for a
-    shard while other shards are missing, the shard file)."""
-    from tqdm.auto import tqdm
+    shard while other shards are missing, the shard file).
 
+    Safe to run from several processes at once for the same file: one extracts, the others wait and return it.
+    """
     out_path = out_path or default_feature_path(dataset_dir, spec)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tokens = catalogue_tokens(dataset_dir, dataset_name, cfg_get(config, "ITEM_ID_FIELD", "item_id"),
@@ -201,30 +222,72 @@ def extract_features(
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
         lo_all, hi_all = (i * n_total) // n, ((i + 1) * n_total) // n
         target = _shard_path(out_path, i, n)
-    if os.path.isfile(target) and os.path.isfile(ff.sidecar_path(target)):
+    if shard is None and _complete(target):  # no lock needed to use a finished file (read-only folders work)
         logger.info(f"features already extracted: {target}")
-        return _maybe_merge(out_path, shard) if shard else target
-
-    encoder = build_encoder(spec).to(device).eval()
-    inputs = _Inputs(spec, encoder, dataset_dir, dataset_name, tokens[lo_all:hi_all], config)
-    n_rows = hi_all - lo_all
-    partial = os.path.splitext(target)[0] + ".partial.npy"
-    progress_file = os.path.splitext(target)[0] + ".progress.json"
-    done = 0
-    meta = {"spec": asdict(spec), "rows": n_rows, "lo": lo_all}
-    if os.path.isfile(partial) and os.path.isfile(progress_file):
-        with open(progress_file, encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("meta") == meta:
-            done = int(saved["done"])
-            if saved.get("batch_size") != batch_size:  # same batches as the interrupted run: same bytes
-                logger.info(f"resuming with the interrupted run's batch size {saved['batch_size']} (not {batch_size})")
-                batch_size = int(saved["batch_size"])
-            logger.info(f"resuming extraction of {target} at row {done} of {n_rows}")
+        return target
+    with BuildLock(lock_path_for(target), what=f"features {target}", log=logger):
+        if _complete(target) or (shard is not None and _complete(out_path)):
+            logger.info(f"features already extracted: {out_path if shard and _complete(out_path) else target}")
+            remove_leftovers(_work_leftovers(target), "feature extraction", logger, reason="the file is complete")
         else:
-            logger.info(f"{partial} was made with other settings; starting over")
+            _extract_locked(dataset_dir, dataset_name, spec, tokens[lo_all:hi_all], lo_all, target, shard,
+                            batch_size, progress, config, device, _stop_after_batches)
+    return _maybe_merge(out_path, shard) if shard else target
+
+
+def _complete(path: str) -> bool:
+    """A feature file is complete when its rows and its sidecar exist (the sidecar is written first)."""
+    return os.path.isfile(path) and os.path.isfile(ff.sidecar_path(path))
+
+
+def _work_files(target: str) -> tuple[str, str]:
+    stem = os.path.splitext(target)[0]
+    return stem + ".partial.npy", stem + ".progress.json"
+
+
+def _work_leftovers(target: str) -> list[str]:
+    """Partial rows, progress record and temporary files of ``target`` that exist."""
+    partial, progress_file = _work_files(target)
+    found = [p for p in (partial, progress_file) if os.path.exists(p)]
+    return found + leftover_temps(target, ff.sidecar_path(target), ff.verified_path(target), partial, progress_file)
+
+
+def _partial_fits(path: str, shape: tuple, dtype) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return tuple(arr.shape) == tuple(shape) and arr.dtype == np.dtype(dtype)
+
+
+def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, shard, batch_size, progress, config,
+                    device, _stop_after_batches) -> None:
+    """Extract rows ``tokens`` into ``target`` (resuming a partial run); the caller holds the target's lock."""
+    from tqdm.auto import tqdm
+
+    partial, progress_file = _work_files(target)
+    remove_leftovers(leftover_temps(target, ff.sidecar_path(target), ff.verified_path(target), partial, progress_file),
+                     "feature extraction", logger, reason="temporary files")
+    encoder = build_encoder(spec).to(device).eval()
+    inputs = _Inputs(spec, encoder, dataset_dir, dataset_name, tokens, config)
+    n_rows = len(tokens)
+    token_digest = hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+    # What the rows depend on (JSON round trip: the record read back compares equal).
+    meta = json.loads(json.dumps({"spec": asdict(spec), "rows": n_rows, "lo": lo_all, "tokens_sha256": token_digest}))
     dtype = np.dtype(spec.dtype)
     shape = (n_rows,) + _row_shape(encoder, spec)
+    done = 0
+    saved = read_json(progress_file)
+    if saved is not None and saved.get("meta") == meta and _partial_fits(partial, shape, dtype):
+        done = int(saved["done"])
+        if saved.get("batch_size") != batch_size:  # same batches as the interrupted run: same bytes
+            logger.info(f"resuming with the interrupted run's batch size {saved['batch_size']} (not {batch_size})")
+            batch_size = int(saved["batch_size"])
+        logger.info(f"resuming extraction of {target} at row {done} of {n_rows}")
+    else:
+        stale = [p for p in (partial, progress_file) if os.path.exists(p)]
+        why = "made with other settings or items" if saved is not None else "no readable progress record"
+        remove_leftovers(stale, "feature extraction", logger, reason=why)
     array = np.load(partial, mmap_mode="r+") if done else np.lib.format.open_memmap(partial, "w+", dtype, shape)
     bar = tqdm(total=n_rows, initial=done, desc=f"extract {spec.modality} {spec.stem()}", unit="item", disable=not progress)
     batches = 0
@@ -233,29 +296,30 @@ def extract_features(
             hi = min(lo + batch_size, n_rows)
             array[lo:hi] = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy().astype(dtype)
             array.flush()
-            with open(progress_file, "w", encoding="utf-8") as f:
-                json.dump({"meta": meta, "done": hi, "batch_size": batch_size}, f)
+            atomic_write_json(progress_file, {"meta": meta, "done": hi, "batch_size": batch_size})
             bar.update(hi - lo)
             batches += 1
             if _stop_after_batches is not None and batches >= _stop_after_batches and hi < n_rows:
                 bar.close()
                 raise KeyboardInterrupt("stopped on request (_stop_after_batches)")
     bar.close()
+    array.flush()
     del array
+    side = _sidecar(partial, tokens, spec, encoder, extra={"shard": list(shard) if shard else None})
+    ff.write_sidecar(target, side)  # first the sidecar, then the rows: a complete pair appears at the rename
     os.replace(partial, target)
-    if os.path.isfile(progress_file):
+    if os.path.exists(progress_file):  # an empty shard has none
         os.remove(progress_file)
-    _write_sidecar(target, tokens[lo_all:hi_all], spec, encoder, extra={"shard": list(shard) if shard else None})
     logger.info(f"wrote {target}")
-    return _maybe_merge(out_path, shard) if shard else target
 
 
-def _write_sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder, extra: Optional[dict] = None) -> dict:
+def _sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder, extra: Optional[dict] = None) -> dict:
+    """The sidecar of the rows in ``path`` (its sha256 included)."""
     arr = np.load(path, mmap_mode="r")
     settings = spec.settings()
     if extra:
         settings.update({k: v for k, v in extra.items() if v is not None})
-    side = ff.make_sidecar(
+    return ff.make_sidecar(
         arr.shape,
         arr.dtype,
         tokens,
@@ -267,8 +331,6 @@ def _write_sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder,
         settings=settings,
         sha256=ff.file_sha256(path),
     )
-    ff.write_sidecar(path, side)
-    return side
 
 
 def _shard_path(out_path: str, i: int, n: int) -> str:
@@ -279,51 +341,63 @@ def _shard_path(out_path: str, i: int, n: int) -> str:
 def _maybe_merge(out_path: str, shard: tuple[int, int]) -> str:
     """Merge all shards into ``out_path`` once every shard is complete; else return this shard's path.
 
-    Shards finishing together race for an exclusive lock file: one merges, the others return their shard.
+    The merge runs under the lock of ``out_path``: shards finishing together merge once; the others wait, then
+    return the merged file. A ``<stem>.merge.lock`` left by an older, killed merge is removed (reported).
     """
     _, n = shard
     paths = [_shard_path(out_path, i, n) for i in range(n)]
-    if os.path.isfile(out_path) and os.path.isfile(ff.sidecar_path(out_path)):
-        return out_path
-    if not all(os.path.isfile(p) and os.path.isfile(ff.sidecar_path(p)) for p in paths):
-        return _shard_path(out_path, shard[0], n)
-    lock = os.path.splitext(out_path)[0] + ".merge.lock"
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        logger.info(f"another process is merging the shards of {out_path}")
-        return _shard_path(out_path, shard[0], n)
-    try:
+    own = _shard_path(out_path, shard[0], n)
+    if not _complete(out_path) and not all(_complete(p) for p in paths):
+        return own
+    with BuildLock(lock_path_for(out_path), what=f"merge of {out_path}", log=logger):
+        legacy = os.path.splitext(out_path)[0] + ".merge.lock"
+        if os.path.exists(legacy):
+            remove_leftovers([legacy], "shard merge", logger, reason="a merge lock no process holds")
+        if _complete(out_path):
+            merged = [f for p in paths if _complete(p) for f in (p, ff.sidecar_path(p), ff.verified_path(p))
+                      if os.path.exists(f)]
+            remove_leftovers(merged, "shard merge", logger, reason="shards already merged")
+            return out_path
+        if not all(_complete(p) for p in paths):
+            return own
+        remove_leftovers(_work_leftovers(out_path), "shard merge", logger, reason="temporary files")
         return merge_shards(out_path, n)
-    finally:
-        os.remove(lock)
 
 
 def merge_shards(out_path: str, n: int) -> str:
-    """Concatenate ``<stem>.shard-i-of-n.npy`` (i = 0..n-1) into ``out_path`` with one sidecar; remove shards."""
+    """Concatenate ``<stem>.shard-i-of-n.npy`` (i = 0..n-1) into ``out_path`` with one sidecar; remove shards.
+
+    Each shard is checked against its sidecar's sha256 first. Call it through :func:`extract_features` (which
+    holds the lock of ``out_path``) when other processes may be working on the same files.
+    """
     paths = [_shard_path(out_path, i, n) for i in range(n)]
-    arrays, sides = zip(*(ff.open_features(p) for p in paths))
+    arrays, sides = zip(*(ff.open_features(p, verify_checksum="cached") for p in paths))
     tokens = [t for s in sides for t in s["tokens"]]
     shape = (sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_path)), prefix=".merging-", suffix=".npy")
-    os.close(fd)
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
-    row = 0
-    for a in arrays:
-        merged[row : row + a.shape[0]] = a
-        row += a.shape[0]
-    merged.flush()
-    del merged
-    os.replace(tmp, out_path)
-    side = dict(sides[0])
-    side.update(shape=list(shape), tokens=tokens, sha256=ff.file_sha256(out_path),
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    side["settings"] = {k: v for k, v in side.get("settings", {}).items() if k != "shard"}
-    side["settings"]["merged_from_shards"] = n
-    ff.write_sidecar(out_path, side)
+    tmp = temp_path_for(out_path)
+    try:
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=shape)
+        row = 0
+        for a in arrays:
+            merged[row : row + a.shape[0]] = a
+            row += a.shape[0]
+        merged.flush()
+        del merged
+        side = dict(sides[0])
+        side.update(shape=list(shape), tokens=tokens, sha256=ff.file_sha256(tmp),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        side["settings"] = {k: v for k, v in side.get("settings", {}).items() if k != "shard"}
+        side["settings"]["merged_from_shards"] = n
+        ff.write_sidecar(out_path, side)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     for p in paths:
-        os.remove(p)
-        os.remove(ff.sidecar_path(p))
+        for f in (p, ff.sidecar_path(p), ff.verified_path(p)):
+            if os.path.exists(f):
+                os.remove(f)
     return out_path
 
 
@@ -341,7 +415,7 @@ def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> 
             kind=kind,
             taps=taps,
             max_length=int(get("text_max_length", 32)),
-            text_fields=list(get("text_fields", ["title"])),
+            text_fields=_text_fields(get("text_fields", ["title"])),
             lowercase=bool(get("text_lowercase", False)),
             normalize=bool(get("text_normalize", False)),
         )
@@ -357,6 +431,10 @@ def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> 
         image_mean=get("image_mean"),
         image_std=get("image_std"),
     )
+
+
+def _text_fields(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpec, progress: bool = True) -> str:

@@ -80,7 +80,10 @@ def dataset_report(config, verify: bool = False) -> str:
     found = [p for p in found if ".partial" not in p and ".merging" not in p]
     if not found:
         lines.append(f"  none in {feat_root} (recbole-mm extract --dataset {name} --modality text|image)")
-    for path in found:
+    from tqdm.auto import tqdm
+
+    # --verify reads every file (sha256): a bar per file on stderr, the report stays on stdout
+    for path in tqdm(found, desc="verify feature files", unit="file", disable=not verify or not found):
         rel = os.path.relpath(path, feat_root)
         try:
             _, side = ff.open_features(path, verify_checksum=verify)

@@ -11,7 +11,10 @@ Differences from ``recbole.quick_start`` (all additive):
   metrics, plus where the log, checkpoint and tensorboard files went (``"log_file"``, ``"checkpoint_file"``,
   ``"tensorboard_dir"``);
 - checkpoints are loaded with an explicit ``weights_only=False``: they are the user's own (RecBole pickles the
-  Config inside them).
+  Config inside them); the unpickled Config gets RecBole's numpy settings (``np.float`` ...), which RecBole
+  applies only when a Config is constructed, so evaluating a reloaded model works in a new process;
+- ``run_recbole`` and ``objective_function`` set torch's thread count first (:mod:`recbole_mm.threads`:
+  ``RECBOLE_MM_THREADS``, else your own setting, else the measured default).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_mm import registry
+from recbole_mm import compat, registry
 from recbole_mm.compat import safe_get_flops
 from recbole_mm.config import Config
 from recbole_mm.data.utils import create_dataset
+from recbole_mm.threads import configure_threads
+from recbole_mm.trainer.utils import get_trainer
 
 
 def _build(config, logger=None, flops: bool = True):
@@ -45,7 +50,7 @@ def _build(config, logger=None, flops: bool = True):
         if flops:
             transform = construct_transform(config)
             logger.info(set_color("FLOPs", "blue") + f": {safe_get_flops(model, dataset, config['device'], logger, transform)}")
-    trainer = registry.get_trainer(config["MODEL_TYPE"], model_class)(config, model)
+    trainer = get_trainer(config["MODEL_TYPE"], model_class)(config, model)
     return dataset, train_data, valid_data, test_data, model, trainer
 
 
@@ -68,6 +73,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         keys), plus ``model``, ``cold_test_result`` (when the model reports cold-item metrics), ``log_file``,
         ``checkpoint_file`` and ``tensorboard_dir``.
     """
+    configure_threads()
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -95,7 +101,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "checkpoint_file": _abs(trainer.saved_model_file) if saved else None,
         "tensorboard_dir": _abs(getattr(getattr(trainer, "tensorboard", None), "log_dir", None)),
     }
-    for key in ("cold_valid_result", "cold_test_result", "train_loss_history", "valid_score_history",
+    for key in ("cold_valid_result", "cold_test_result", "new_valid_result", "new_test_result",
+                "cold_threshold_used", "train_loss_history", "valid_score_history",
                 "valid_epoch_history", "epoch_seconds", "eval_seconds"):
         value = getattr(trainer, key, None)
         if value is not None:
@@ -121,6 +128,7 @@ def _in_ray_session() -> bool:
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):
     r"""Objective for ``recbole.trainer.HyperTuning`` (RecBole 1.2.1's contract: the dict holds ``"model"``)."""
+    configure_threads()
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
@@ -152,6 +160,7 @@ def load_data_and_model(model_file):
     """
     checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
     config = checkpoint["config"]
+    compat.recbole_numpy_settings(config)  # a Config pickled by RecBole's own class gets no __setstate__ of ours
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

@@ -1,29 +1,32 @@
-"""Model registry and the lookups RecBole's entry points use (model, trainer, dataset class).
+"""Model registry: the bottom of the package's import graph (it imports no other recbole_mm module).
 
-Plugin models register with :func:`register_model`. Every lookup checks the registry first and falls back to
-RecBole, so RecBole's stock models (SASRec, BPR, ...) run through the plugin's entry points unchanged.
+Plugin models register with :func:`register_model`. :func:`get_model` checks the registry first and falls back to
+RecBole's stock models (SASRec, BPR, ...), so those run through the plugin's entry points unchanged. The lookups
+here are pure: :func:`register_model`, :func:`unregister_model`, :func:`get_model`, :func:`is_model`,
+:func:`list_models`, :func:`model_class_of`. The plugin's own models are discovered by importing
+``recbole_mm.model`` (by name, on the first lookup).
 
 Dispatch never depends on a module path (RecBole-GNN#41): a model class names what it needs as class
-attributes:
+attributes, read by the layers above:
 
 - ``type`` (``recbole.utils.ModelType``) and ``input_type`` (``recbole.utils.InputType``), as in RecBole;
-- ``dataset_class``: the Dataset class to build (default: RecBole's class for the model type, or the
-  multimodal dataset classes of :mod:`recbole_mm.data` when ``needs_item_content`` is true);
-- ``trainer_class``: the Trainer class (default: RecBole's choice for the model type).
+- ``dataset_class``: the Dataset class to build (:func:`recbole_mm.data.utils.get_dataset_class`; default:
+  RecBole's class for the model type, or the multimodal dataset classes of :mod:`recbole_mm.data`);
+- ``trainer_class``: the Trainer class (:func:`recbole_mm.trainer.utils.get_trainer`; default: RecBole's choice);
+- ``config_file``: a yaml of defaults (:class:`recbole_mm.config.Config`); ``config_keys``: extra config keys the
+  model reads that no yaml lists (they are then known to the unknown-key check).
 
-:func:`install` makes RecBole's own ``recbole.quick_start.run_recbole`` / ``objective_function`` /
-``load_data_and_model`` find plugin models too: RecBole binds ``get_model`` by name in four modules and
-``get_trainer`` / ``create_dataset`` / ``Config`` in ``recbole.quick_start.quick_start``; each binding is
-replaced by the plugin's (which falls back to RecBole's).
+Making RecBole's own entry points find plugin models is :func:`recbole_mm.patch.install`.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 import pkgutil
 import re
-from typing import Callable, Optional, Type
+from typing import Optional
 
 _MODELS: dict[str, type] = {}
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -171,105 +174,16 @@ def get_model(model_name) -> type:
         return _recbole_get_model(str(model_name))
     except UnknownModelError:
         pass
-    close = [n for n in list_models() if n.lower() == str(model_name).lower()]
+    known = list_models()
+    close = [n for n in known if n.lower() == str(model_name).lower()]
+    close = close or difflib.get_close_matches(str(model_name), known, n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UnknownModelError(
-        f"unknown model {model_name!r}{hint}; known models: {', '.join(list_models())}"
+        f"unknown model {model_name!r}{hint}; known models: {', '.join(known)}"
     )
-
-
-def get_trainer(model_type, model_name) -> type:
-    """Trainer class: the model's ``trainer_class`` attribute, else RecBole's choice for the model; where
-    RecBole would use its generic ``Trainer``, :class:`~recbole_mm.trainer.MMTrainer` (the same loop plus
-    cold-item metrics and metering)."""
-    from recbole.utils.utils import get_trainer as recbole_get_trainer
-
-    try:
-        model_cls = get_model(model_name)
-    except UnknownModelError:
-        model_cls = None
-    trainer_cls = getattr(model_cls, "trainer_class", None)
-    if trainer_cls is not None:
-        return trainer_cls
-    name = model_name if isinstance(model_name, str) else model_name.__name__
-    chosen = _ORIGINALS.get("get_trainer", recbole_get_trainer)(model_type, name)
-    from recbole.trainer import Trainer
-
-    if chosen is Trainer:  # RecBole's generic loop: use the superset with cold-item metrics and metering
-        from recbole_mm.trainer import MMTrainer
-
-        return MMTrainer
-    return chosen
 
 
 def model_class_of(config) -> type:
     """The model class of a Config (the class itself when one was passed, registered or not)."""
     cls = config.__dict__.get("model_class") if hasattr(config, "__dict__") else None
     return cls if isinstance(cls, type) else get_model(config["model"])
-
-
-def get_dataset_class(config) -> type:
-    """Dataset class for ``config['model']``: the model's ``dataset_class`` attribute, else by model type."""
-    from recbole.utils import ModelType
-
-    from recbole_mm.data.dataset import MMDataset, MMSequentialDataset
-
-    model_cls = model_class_of(config)
-    cls = getattr(model_cls, "dataset_class", None)
-    if cls is not None:
-        return cls
-    data_module = importlib.import_module("recbole.data.dataset")
-    legacy = getattr(data_module, f"{config['model']}Dataset", None)  # RecBole's own per-model datasets
-    if legacy is not None:
-        return legacy
-    model_type = config["MODEL_TYPE"]
-    if model_type == ModelType.SEQUENTIAL:
-        return MMSequentialDataset
-    if model_type == ModelType.KNOWLEDGE:
-        return data_module.KnowledgeBasedDataset
-    return MMDataset
-
-
-_ORIGINALS: dict[str, Callable] = {}
-_INSTALLED = False
-
-
-def install() -> None:
-    """Make RecBole's own entry points find plugin models, yaml, dataset and trainer classes. Idempotent."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    import recbole.config
-    import recbole.config.configurator as configurator
-    import recbole.data
-    import recbole.data.utils as data_utils
-    import recbole.quick_start
-    import recbole.quick_start.quick_start as qs
-    import recbole.utils
-    import recbole.utils.utils as utils_utils
-
-    from recbole_mm import compat
-    from recbole_mm.config import Config
-    from recbole_mm.data.utils import create_dataset
-    from recbole_mm import quick_start as mm_qs
-
-    _ORIGINALS["get_model"] = utils_utils.get_model
-    _ORIGINALS["get_trainer"] = utils_utils.get_trainer
-    _ORIGINALS["create_dataset"] = data_utils.create_dataset
-
-    for module in (recbole.utils, utils_utils, configurator, qs):
-        module.get_model = get_model
-    for module in (recbole.utils, utils_utils, qs):
-        module.get_trainer = get_trainer
-    for module in (recbole.data, data_utils, qs):
-        module.create_dataset = create_dataset
-    # RecBole's quick start builds its Config by name: give it the plugin's (same class contract).
-    qs.Config = Config
-    recbole.config.Config = Config
-    qs.get_flops = compat.safe_get_flops  # thop fails on peft adapters; RecBole calls it unconditionally
-    # RecBole's load_data_and_model loads with bare torch.load and RecBole's get_model.
-    qs.load_data_and_model = mm_qs.load_data_and_model
-    recbole.quick_start.load_data_and_model = mm_qs.load_data_and_model
-    compat.trust_recbole_checkpoint_loads()
-    compat.undo_recbole_anomaly_mode()
-    _INSTALLED = True

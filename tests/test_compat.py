@@ -96,3 +96,46 @@ def test_recbole_anomaly_mode_is_switched_off():
     assert plain.stdout.strip() == "True", plain.stderr[-500:]
     recbole_mm.get_model("SASRec")
     assert torch.is_anomaly_enabled() is False
+
+
+def _python(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_anomaly_mode_off_after_recbole_own_lookup():
+    """The post-import hook on sine.py: RecBole's own get_model('SASRec') after import recbole_mm."""
+    code = ("import recbole_mm, torch; from recbole.utils import get_model; get_model('SASRec'); "
+            "print(torch.is_anomaly_enabled())")
+    assert _python(code) == "False"
+
+
+def test_recbole_entry_points_patched_when_recbole_quick_start_is_imported():
+    """import recbole_mm patches nothing heavy; importing recbole.quick_start afterwards installs the plugin."""
+    code = ("import sys, recbole_mm; assert 'recbole' not in sys.modules; "
+            "import recbole.quick_start as q, recbole.quick_start.quick_start as qq, recbole.config as rc; "
+            "print(qq.get_model.__module__, qq.get_trainer.__module__, qq.create_dataset.__module__, "
+            "q.load_data_and_model.__module__, rc.Config.__module__, qq.get_model('MoRec').__name__)")
+    assert _python(code).split() == ["recbole_mm.registry", "recbole_mm.trainer.utils", "recbole_mm.data.utils",
+                                     "recbole_mm.quick_start", "recbole_mm.config", "MoRec"]
+
+
+def test_recbole_imported_before_recbole_mm_is_patched_at_once():
+    code = ("import numpy as np; np.float_ = np.float64; np.complex_ = np.complex128; np.unicode_ = np.str_; "
+            "import recbole.utils, recbole.trainer.trainer as t, torch; import recbole_mm; "
+            "from recbole.utils import get_model; "
+            "print(get_model('MoRec').__name__, t.torch.load is not torch.load, t.torch.nn is torch.nn)")
+    assert _python(code).split() == ["MoRec", "True", "True"]
+
+
+def test_explicit_install_is_idempotent():
+    code = ("import recbole_mm; recbole_mm.install(); recbole_mm.install(); "
+            "import recbole.quick_start.quick_start as qq; from recbole_mm.config import Config; "
+            "print(qq.Config is Config)")
+    assert _python(code) == "True"
+
+
+def test_numpy_aliases_follow_numpy_import():
+    """numpy imported after recbole_mm gets the aliases from the post-import hook (ray / RecBole need them)."""
+    assert _python("import recbole_mm, numpy; print(numpy.float_ is numpy.float64, numpy.bool8 is numpy.bool_)") == "True True"

@@ -47,3 +47,17 @@ def test_posters_carry_genre_colour(ml100k_mm):
     img = np.asarray(Image.open(os.path.join(ml100k_mm, "images", "1.jpg")).convert("RGB")).astype(int)
     top = np.median(img[5:60, 5:200].reshape(-1, 3), axis=0)
     assert np.abs(top - GENRE_COLOURS["Animation"]).max() < 20
+
+
+def test_killed_build_leftovers_are_removed_and_a_built_folder_is_reused(tmp_path, caplog):
+    leftover = tmp_path / ".ml-100k-mm.tmp-k1ll3d"  # what a build killed with SIGKILL leaves
+    leftover.mkdir()
+    (leftover / "ml-100k-mm.inter").write_text("user_id:token\n")
+    with caplog.at_level("WARNING"):
+        folder = build_ml100k_mm(str(tmp_path / "ml-100k-mm"))
+    assert "removed what an interrupted build of ml-100k-mm left" in caplog.text and leftover.name in caplog.text
+    assert os.listdir(tmp_path) == ["ml-100k-mm"]  # no temporary folder, no lock file
+    inter = os.path.join(folder, "ml-100k-mm.inter")
+    before = os.stat(inter).st_mtime_ns
+    assert build_ml100k_mm(folder) == folder  # built meanwhile (another process): used as it is
+    assert os.stat(inter).st_mtime_ns == before

@@ -10,7 +10,7 @@ from recbole.utils import init_seed
 import recbole_mm
 from recbole_mm.config import Config
 from recbole_mm.data.utils import create_dataset
-from recbole_mm.registry import get_trainer
+from recbole_mm.trainer.utils import get_trainer
 
 MOREC_TINY = {
     "embedding_size": 16, "n_layers": 1, "n_heads": 1, "dnn_layers": 1, "MAX_ITEM_LIST_LENGTH": 10,
@@ -153,21 +153,29 @@ def test_cold_item_metrics(morec_cfg):
     config, dataset, train, valid, test, model, trainer = build(morec_cfg)
     counts = train._dataset.train_item_counts
     targets = test._dataset.inter_feat[dataset.iid_field].numpy()
-    assert result["cold_test_result"]["rows"] == int((counts[targets] <= 3).sum()) > 0
-    assert set(result["cold_test_result"]) == {"rows", "hit@10", "ndcg@10"}
+    assert result["cold_test_result"]["rows"] == int(((counts[targets] >= 1) & (counts[targets] <= 3)).sum()) > 0
+    assert result["new_test_result"]["rows"] == int((counts[targets] == 0).sum())
+    assert set(result["cold_test_result"]) == {"rows", "max_train_count", "hit@10", "ndcg@10"}
     assert 0.0 <= result["cold_test_result"]["hit@10"] <= 1.0
     assert result["cold_valid_result"]["rows"] > 0
     assert len(result["train_loss_history"]) == 1
 
 
-def test_cold_metrics_over_every_item_equal_the_overall_metrics(morec_cfg):
+def test_cold_metrics_over_every_trained_item_equal_the_overall_metrics(morec_cfg):
     config, dataset, train, valid, test, model, trainer = build(morec_cfg, cold_item_threshold=10**9,
                                                                 metrics=["Hit", "NDCG", "MRR", "Recall"])
     trainer.fit(train, valid, saved=False)
+    counts = train._dataset.train_item_counts
+    trained = counts[test._dataset.inter_feat[dataset.iid_field].numpy()] > 0
+    keep = torch.as_tensor(trained)
+    test._dataset.inter_feat = test._dataset.inter_feat[keep]  # only targets with a training interaction
+    test = type(test)(config, test._dataset, test._sampler, shuffle=False)
     overall = trainer.evaluate(test, load_best_model=False)
     cold = dict(trainer.cold_test_result)
-    assert cold.pop("rows") == len(test._dataset)
+    cold.pop("max_train_count")
+    assert cold.pop("rows") == int(trained.sum()) == len(test._dataset)
     assert cold == dict(overall)
+    assert trainer.new_test_result["rows"] == 0
 
 
 def test_training_counts_and_user_sequences(morec_cfg):

@@ -131,3 +131,25 @@ def test_unregistered_model_class_runs(tiny_config):
     assert CountingDataset.built == built + 1 and CountingTrainer.epochs_run == epochs + 1
     config, model, *_ = recbole_mm.load_data_and_model(result["checkpoint_file"])
     assert isinstance(model, UserSeqRec) and model.dim == 12
+
+
+def test_recbole_own_run_recbole_runs_morec_in_a_fresh_process(tiny_config, tiny_bert, tmp_path):
+    """The lazy patching end to end: ``import recbole_mm`` (which imports no recbole), then RecBole's own
+    ``run_recbole(model="MoRec")`` in a fresh interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg = dict(tiny_config, text_encoder=tiny_bert, modality="text", mode="two_stage", embedding_size=16,
+               dnn_layers=1, text_max_length=16, MAX_ITEM_LIST_LENGTH=10, features_dir=str(tmp_path / "features"))
+    code = ("import json, sys; import recbole_mm; assert 'recbole' not in sys.modules; "
+            "from recbole.quick_start import run_recbole; "
+            "r = run_recbole(model='MoRec', dataset='mm-tiny', config_dict=json.loads(sys.argv[1])); "
+            "print(json.dumps({k: float(v) for k, v in r['test_result'].items()}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=dict(os.environ, RECBOLE_MM_THREADS="1", PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["hit@10"] <= 1.0

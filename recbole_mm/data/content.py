@@ -7,7 +7,9 @@ Where content lives in a dataset folder ``<data_path>/<name>/``:
   (``load_col``), so long texts never enter RecBole's batches.
 - images: ``<image_dir>/<item_token>.<jpg|jpeg|png|webp|bmp|gif>``; decoded and resized once into the on-disk
   uint8 store of :class:`ImageStore` (``image_store/<S>px/``).
-- frozen features: ``features/<encoder>/<stem>.npy`` + sidecar (:mod:`recbole_mm.data.features`).
+- frozen features: ``features/<encoder>/<stem>.npy`` + sidecar (:mod:`recbole_mm.data.features`), checked
+  against the sidecar's sha256 when loaded (cached verdict); :attr:`ItemContent.loaded_feature_fingerprints`
+  keeps the fingerprint of every file loaded (for checkpoints).
 
 Alignment: RecBole numbers items by first appearance in ``.inter`` after filtering (not by token order), and
 id 0 is ``[PAD]``. :class:`ItemContent` maps every internal id to its token once (``field2id_token``) and
@@ -67,6 +69,35 @@ def read_item_table(path: str, columns: Optional[Sequence[str]] = None, item_fie
     return read_atomic(path, columns, id_columns=ids)
 
 
+def check_text_fields(fields: Sequence[str], item_path: str, item_field: str = "item_id") -> None:
+    """A ``ValueError`` naming ``text_fields`` and the columns of ``item_path`` when ``fields`` cannot give texts:
+    empty, or naming a column the file does not have."""
+    if fields and all(isinstance(f, str) and f for f in fields) and not os.path.isfile(item_path):
+        return  # read_item_table says the file is missing
+    columns = _item_columns(item_path)
+    text_columns = [c for c in columns if c != item_field]
+    if not fields:
+        raise ValueError(
+            f"text_fields is empty, but this run needs item text (a text modality or text tokens): set text_fields "
+            f"to one or more columns of {item_path} (config key text_fields, e.g. text_fields: "
+            f"[{text_columns[0] if text_columns else 'title'}]); its columns: {text_columns}"
+        )
+    unknown = [f for f in fields if f not in columns or f == item_field]
+    if unknown:
+        raise ValueError(
+            f"text_fields names {unknown}, not text column(s) of {item_path}; its columns: {text_columns} "
+            f"(set text_fields to some of them)"
+        )
+
+
+def _item_columns(item_path: str) -> list[str]:
+    if not os.path.isfile(item_path):
+        return []
+    with open(item_path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").lstrip("\ufeff").split("\t")
+    return [h.split(":")[0] for h in header if h]
+
+
 def join_text_fields(table: pd.DataFrame, fields: Sequence[str]) -> pd.Series:
     """Several text columns joined with a single space (empty ones skipped)."""
     joined = table[fields[0]]
@@ -109,6 +140,8 @@ class ItemContent:
         self.config = config if config is not None else {}
         self._text_cache: dict = {}
         self._image_views: dict = {}
+        # absolute path -> features.feature_fingerprint(...) of every feature file loaded through features()
+        self.loaded_feature_fingerprints: dict[str, dict] = {}
 
     @classmethod
     def from_dataset(cls, dataset) -> "ItemContent":
@@ -128,13 +161,17 @@ class ItemContent:
     def text(self, fields: Optional[Sequence[str]] = None) -> list[str]:
         """Item texts by internal id (``""`` for padding); several fields are joined with a space.
 
-        Items missing from the ``.item`` file are an error naming the file and the first missing token.
+        ``fields``: columns of the ``.item`` file (default: the ``text_fields`` key). An empty list, or a column
+        the file does not have, is a ``ValueError`` naming ``text_fields`` and the file's columns. Items missing
+        from the ``.item`` file are an error naming the file and the first missing token.
         """
-        fields = list(fields or self._cfg("text_fields", ["title"]))
+        fields = self._cfg("text_fields", ["title"]) if fields is None else fields
+        fields = [fields] if isinstance(fields, str) else list(fields)
         key = tuple(fields)
         if key not in self._text_cache:
             path = os.path.join(self.dataset_dir, f"{self.dataset_name}.item")
             item_field = self._cfg("ITEM_ID_FIELD", "item_id")
+            check_text_fields(fields, path, item_field)
             table = read_item_table(path, [item_field] + fields, item_field)
             table = table.drop_duplicates(subset=[item_field], keep="first")
             by_token = dict(zip(table[item_field], join_text_fields(table, fields)))
@@ -199,13 +236,25 @@ class ItemContent:
 
     # -------------------------------------------------------------- features
     def feature_rows(self, npy_path: str) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Memory-mapped feature file, its row per internal id (-1 for padding) and its sidecar."""
+        """Memory-mapped feature file, its row per internal id (-1 for padding) and its sidecar.
+
+        The file is checked against its sidecar (shape, dtype, size, then sha256 through the cached verdict of
+        :func:`~recbole_mm.data.features.verify_sha256`); its fingerprint is kept in
+        :attr:`loaded_feature_fingerprints`.
+        """
         array, side = feature_files.open_features(npy_path)
+        digest = feature_files.verify_sha256(npy_path, side)
         rows = feature_files.align_rows(side["tokens"], self.tokens.tolist(), source=f"feature file {npy_path}")
+        self.loaded_feature_fingerprints[os.path.abspath(npy_path)] = feature_files.feature_fingerprint(
+            npy_path, side, sha256=digest)
         return array, rows, side
 
     def features(self, npy_path: str, dtype=np.float32) -> torch.Tensor:
-        """Feature file aligned to internal ids: tensor ``[n_items, ...]`` with row 0 all zeros."""
+        """Feature file aligned to internal ids: tensor ``[n_items, ...]`` with row 0 all zeros.
+
+        A file whose bytes differ from its sidecar's sha256 is a :class:`~recbole_mm.data.features.FeatureFileError`;
+        the fingerprint of the loaded file is recorded in :attr:`loaded_feature_fingerprints` (path -> dict).
+        """
         array, rows, _ = self.feature_rows(npy_path)
         out = np.zeros((self.n_items,) + array.shape[1:], dtype=dtype)
         valid = rows >= 0

@@ -49,6 +49,25 @@ class MMDatasetMixin:
         keep_last_n = self.config["keep_last_n"]
         if keep_last_n:
             self._keep_last_n_per_user(int(keep_last_n))
+        ratio = self.config["new_item_ratio"]
+        if ratio:
+            self._hold_out_new_items(float(ratio))
+
+    def _hold_out_new_items(self, ratio: float) -> None:
+        from recbole_mm.data.protocol import hold_out_new_items
+
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"new_item_ratio must be in (0, 1), got {ratio}")
+        if self.uid_field is None or self.time_field is None or self.time_field not in self.inter_feat:
+            raise ValueError("new_item_ratio needs the user id and timestamp fields loaded (load_col.inter)")
+        df = self.inter_feat
+        keep, new = hold_out_new_items(df, self.uid_field, self.iid_field, self.time_field, ratio,
+                                       int(self.config["seed"] or 0))
+        self.inter_feat = df[keep]
+        self._reset_index()
+        self.new_item_tokens = [str(t) for t in new]
+        self.logger.info(f"new_item_ratio={ratio}: {len(new)} items held out of training; "
+                         f"kept {int(keep.sum())} of {len(keep)} interactions")
 
     def _keep_last_n_per_user(self, n: int) -> None:
         if self.uid_field is None or self.time_field is None or self.time_field not in self.inter_feat:
@@ -106,7 +125,23 @@ class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
             d.train_item_counts = counts
             d.train_user_item_keys = keys
             d.seq_mode = mode
+        _attach_history(datasets, keys)
         return datasets
+
+
+def _attach_history(datasets, train_keys: np.ndarray) -> None:
+    """``history_index`` of the evaluation splits (:mod:`recbole_mm.data.protocol`): valid = the training items,
+    test = the training items and the valid target."""
+    from recbole_mm.data.protocol import HistoryIndex, interaction_keys
+
+    if len(datasets) < 2:
+        return
+    train = datasets[0]
+    known = train_keys
+    for d in datasets[1:]:
+        d.history_index = HistoryIndex(known, train.item_num, train.user_num)
+        targets = interaction_keys(d.inter_feat[d.uid_field].numpy(), d.inter_feat[d.iid_field].numpy(), train.item_num)
+        known = np.union1d(known, targets)
 
 
 DEFAULT_SEQ_MODE = "prefix"

@@ -11,7 +11,8 @@ ml-100k inside the installed ``recbole`` package; we do not redistribute it.
   title signal) but nothing a real poster would add.
 
 Where: ``<data_path>/ml-100k-mm`` when that folder exists, else the cache folder
-``$RECBOLE_MM_HOME/datasets/ml-100k-mm`` (default ``~/.cache/recbole_mm``), built there once.
+``<cache>/datasets/ml-100k-mm``, built there once; ``<cache>`` is ``$RECBOLE_MM_HOME``, else
+``$XDG_CACHE_HOME/recbole_mm``, else ``~/.cache/recbole_mm`` (:func:`recbole_mm.paths.cache_root`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ _STRIPES = ("horizontal", "vertical", "diagonal", "dots", "none")
 
 
 def cache_root() -> str:
-    return os.environ.get("RECBOLE_MM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "recbole_mm")
+    from recbole_mm.paths import cache_root as root
+
+    return root()
 
 
 def embedded_dataset_dir(name: str) -> str:
@@ -119,15 +122,30 @@ def render_poster(title: str, genres: list[str], size: int = POSTER_SIZE):
 
 
 def build_ml100k_mm(target_dir: str) -> str:
-    """Write ml-100k-mm into ``target_dir`` (atomically: a temporary folder renamed at the end)."""
+    """Write ml-100k-mm into ``target_dir`` (atomically: a temporary folder renamed at the end).
+
+    One builder at a time (:class:`recbole_mm.atomic.BuildLock`, file ``.ml-100k-mm.lock`` beside the folder):
+    a concurrent caller waits and then finds the folder built. Temporary folders of a killed build
+    (``.ml-100k-mm.tmp-*``) are removed with a warning.
+    """
+    from recbole_mm.atomic import BuildLock, leftover_temps, lock_path_for, remove_leftovers
+
+    name = "ml-100k-mm"
+    parent = os.path.dirname(os.path.abspath(target_dir))
+    os.makedirs(parent, exist_ok=True)
+    with BuildLock(lock_path_for(target_dir), what=f"embedded dataset {target_dir}", log=logger):
+        remove_leftovers(leftover_temps(target_dir), f"build of {name}", logger)
+        if os.path.isfile(os.path.join(target_dir, f"{name}.inter")):
+            return target_dir  # built meanwhile by another process
+        return _build_ml100k_mm_locked(target_dir, parent, name)
+
+
+def _build_ml100k_mm_locked(target_dir: str, parent: str, name: str) -> str:
     from tqdm.auto import tqdm
 
     from recbole_mm.data.content import read_atomic
 
     src = _recbole_ml100k_dir()
-    name = "ml-100k-mm"
-    parent = os.path.dirname(os.path.abspath(target_dir))
-    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         inter = read_atomic(os.path.join(src, "ml-100k.inter"))
@@ -178,17 +196,19 @@ def build_ml100k_mm(target_dir: str) -> str:
                 "ml-100k-mm: MovieLens-100K (from the recbole package) with item text and RENDERED posters.\n"
                 "The images are drawn from each movie's genres and title; they are not real posters.\n"
             )
-        if os.path.isdir(target_dir) and os.path.isfile(os.path.join(target_dir, f"{name}.inter")):
-            shutil.rmtree(tmp)  # built meanwhile by another process
+        if os.path.isdir(target_dir):
+            # An empty or partial folder (e.g. a user-created data_path/ml-100k-mm): fill it, the .inter file
+            # last (its presence means "built").
+            inter = f"{name}.inter"
+            for entry in sorted(os.listdir(tmp), key=lambda e: e == inter):
+                dest = os.path.join(target_dir, entry)
+                if os.path.isdir(dest) and not os.path.islink(dest):
+                    shutil.rmtree(dest)  # a partial copy of ours (the folder has no .inter yet)
+                os.replace(os.path.join(tmp, entry), dest)
+            shutil.rmtree(tmp)
         else:
-            if os.path.isdir(target_dir):
-                # An empty or partial folder (e.g. a user-created data_path/ml-100k-mm): fill it.
-                for entry in os.listdir(tmp):
-                    os.replace(os.path.join(tmp, entry), os.path.join(target_dir, entry))
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, target_dir)
-            logger.info(f"built {name} in {target_dir}")
+            os.replace(tmp, target_dir)
+        logger.info(f"built {name} in {target_dir}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,21 +22,38 @@ Sidecar keys::
     sha256        of the .npy file bytes
     settings      dict of extraction settings (max_length, text fields, image size, ...)
     created       ISO time; ``recbole_mm`` version
+
+Integrity: loading a file for a model (:meth:`ItemContent.features`) checks its bytes against the sidecar's
+``sha256`` (:func:`verify_sha256`), so rows changed behind the sidecar's back (permuted, overwritten, partly
+copied) are an error naming the file and what to do. The verdict is cached in ``<stem>.verified.json`` (written
+atomically) keyed by the file's size, mtime, ctime and inode, so later loads, in this process or another, do
+not read the file again. A verdict is trusted only for a file whose last modification is older than the
+verification by more than ``RACY_SECONDS`` (git's "racily clean" rule: a change in the same timestamp tick as
+the verification would not show in size and mtime); a fresher file is simply hashed again next time.
+
+:func:`feature_fingerprint` summarises a verified file (sha256, shape, dtype, encoder, ...) for checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import time
 from datetime import datetime, timezone
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from recbole_mm.atomic import atomic_write_text, read_json, temp_path_for
+
+logger = logging.getLogger(__name__)
+
 FORMAT = "recbole_mm.features/1"
+VERIFIED_FORMAT = "recbole_mm.features.verified/1"
 KINDS = ("pooled", "taps", "tokens")
+RACY_SECONDS = 2.0
 
 
 class FeatureFileError(ValueError):
@@ -45,6 +62,11 @@ class FeatureFileError(ValueError):
 
 def sidecar_path(npy_path: str) -> str:
     return os.path.splitext(npy_path)[0] + ".json"
+
+
+def verified_path(npy_path: str) -> str:
+    """Where the cached checksum verdict of ``npy_path`` lives: ``<stem>.verified.json``."""
+    return os.path.splitext(npy_path)[0] + ".verified.json"
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
@@ -56,11 +78,7 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def make_sidecar(
@@ -78,7 +96,7 @@ def make_sidecar(
     created: Optional[str] = "now",
 ) -> dict:
     """The sidecar dict. ``created``: ISO time, ``"now"`` (default) or ``None`` (reproducible files)."""
-    from recbole_mm import __version__
+    from recbole_mm._version import __version__
 
     if kind not in KINDS:
         raise ValueError(f"feature kind must be one of {KINDS}, got {kind!r}")
@@ -116,13 +134,17 @@ def write_features(npy_path: str, array: np.ndarray, tokens: Sequence[str], **me
     array = np.ascontiguousarray(array)
     if len(set(map(str, tokens))) != len(tokens):
         raise ValueError("feature tokens must be unique")
-    os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(npy_path)), prefix=".tmp-", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    side = make_sidecar(array.shape, array.dtype, tokens, sha256=file_sha256(tmp), **meta)
-    os.replace(tmp, npy_path)
-    write_sidecar(npy_path, side)
+    tmp = temp_path_for(npy_path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        side = make_sidecar(array.shape, array.dtype, tokens, sha256=file_sha256(tmp), **meta)
+        write_sidecar(npy_path, side)  # first the sidecar, then the rows it describes appear
+        os.replace(tmp, npy_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return side
 
 
@@ -145,11 +167,13 @@ def read_sidecar(npy_path: str) -> dict:
     return side
 
 
-def open_features(npy_path: str, verify_checksum: bool = False) -> tuple[np.ndarray, dict]:
+def open_features(npy_path: str, verify_checksum: Union[bool, str] = False) -> tuple[np.ndarray, dict]:
     """Memory-map a feature file after checking it against its sidecar.
 
     Raises :class:`FeatureFileError` naming the file and the first bad token when the file is truncated, has
-    extra rows, or has another shape / dtype than the sidecar says.
+    extra rows, or has another shape / dtype than the sidecar says. ``verify_checksum``: ``False`` (header and
+    size only), ``"cached"`` (the sha256 too, through the cached verdict: :func:`verify_sha256`) or ``True``
+    (the sha256, always re-hashed).
     """
     if not os.path.isfile(npy_path):
         raise FeatureFileError(f"feature file {npy_path} does not exist")
@@ -194,12 +218,98 @@ def open_features(npy_path: str, verify_checksum: bool = False) -> tuple[np.ndar
             f"feature file {npy_path} has {size - offset - shape[0] * row_bytes} bytes after its last row "
             f"(token {tokens[-1] if tokens else '-'})"
         )
-    if verify_checksum and side.get("sha256"):
-        digest = file_sha256(npy_path)
-        if digest != side["sha256"]:
-            raise FeatureFileError(f"feature file {npy_path} does not match the sha256 in its sidecar")
+    if verify_checksum:
+        verify_sha256(npy_path, side, force=verify_checksum is True)
     array = np.load(npy_path, mmap_mode="r")
     return array, side
+
+
+def _stat_key(st: os.stat_result) -> dict:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def _cached_sha256(npy_path: str, st: os.stat_result) -> Optional[str]:
+    """The sha256 recorded for exactly this file state, if the record can be trusted."""
+    record = read_json(verified_path(npy_path))
+    if not isinstance(record, dict) or record.get("format") != VERIFIED_FORMAT:
+        return None
+    if record.get("file") != os.path.basename(npy_path) or record.get("stat") != _stat_key(st):
+        return None
+    verified_at = record.get("verified_at_ns")
+    if not isinstance(verified_at, int) or st.st_mtime_ns > verified_at - int(RACY_SECONDS * 1e9):
+        return None  # modified too shortly before the verification to tell a later change by size and mtime
+    return record.get("sha256")
+
+
+def _record_sha256(npy_path: str, st: os.stat_result, digest: str, started_ns: int) -> None:
+    record = {"format": VERIFIED_FORMAT, "file": os.path.basename(npy_path), "stat": _stat_key(st),
+              "sha256": digest, "verified_at_ns": started_ns}
+    try:
+        atomic_write_text(verified_path(npy_path), json.dumps(record) + "\n")
+    except OSError as e:  # a read-only dataset folder: verify again next time
+        logger.debug(f"cannot cache the checksum verdict of {npy_path}: {e}")
+
+
+def file_sha256_cached(npy_path: str, force: bool = False) -> str:
+    """sha256 of a feature file, from the verdict cache when the file is unchanged since it was recorded."""
+    st = os.stat(npy_path)
+    if not force:
+        cached = _cached_sha256(npy_path, st)
+        if cached:
+            return cached
+    started = time.time_ns()
+    digest = file_sha256(npy_path)
+    after = os.stat(npy_path)
+    trusted = after.st_mtime_ns <= started - int(RACY_SECONDS * 1e9)  # else the record could not be trusted
+    if trusted and _stat_key(after) == _stat_key(st):  # and not modified while we read it
+        _record_sha256(npy_path, after, digest, started)
+    return digest
+
+
+def verify_sha256(npy_path: str, side: Optional[dict] = None, force: bool = False) -> str:
+    """Check ``npy_path`` against the sha256 of its sidecar; returns the file's sha256.
+
+    The verdict is cached (``<stem>.verified.json``), so an unchanged file is read once, not at every load.
+    A sidecar without ``sha256`` (an imported file) has nothing to check: the file's sha256 is returned.
+    Raises :class:`FeatureFileError` naming the file and what to do when they differ.
+    """
+    side = side if side is not None else read_sidecar(npy_path)
+    digest = file_sha256_cached(npy_path, force=force)
+    want = side.get("sha256")
+    if want and digest != want:
+        raise FeatureFileError(
+            f"feature file {npy_path} does not match its sidecar {sidecar_path(npy_path)}: the file's sha256 is "
+            f"{digest[:16]}..., the sidecar records {want[:16]}... (its rows were changed, e.g. permuted or "
+            f"overwritten, after the sidecar was written). Delete both files and extract again (recbole-mm "
+            f"extract, or let the model extract on first use); if the new rows are right, rewrite the pair with "
+            f"recbole_mm.data.features.write_features."
+        )
+    return digest
+
+
+def feature_fingerprint(npy_path: str, side: Optional[dict] = None, sha256: Optional[str] = None) -> dict:
+    """What identifies a feature file, for checkpoints: the file's verified sha256 and the sidecar's description.
+
+    Keys: ``file`` (base name), ``sha256`` (of the .npy bytes, checked against the sidecar), ``shape``, ``dtype``,
+    ``modality``, ``kind``, ``encoder``, ``pooling``, ``taps``, ``settings``, ``tokens_sha256`` (of the row
+    order: the tokens joined by newlines). Uses the cached verdict, so it costs nothing for a verified file.
+    ``side`` / ``sha256``: already read / verified by the caller.
+    """
+    side = side if side is not None else read_sidecar(npy_path)
+    digest = sha256 if sha256 is not None else verify_sha256(npy_path, side)
+    return {
+        "file": os.path.basename(npy_path),
+        "sha256": digest,
+        "shape": [int(s) for s in side["shape"]],
+        "dtype": side["dtype"],
+        "modality": side.get("modality"),
+        "kind": side.get("kind"),
+        "encoder": side.get("encoder"),
+        "pooling": side.get("pooling"),
+        "taps": side.get("taps"),
+        "settings": side.get("settings", {}),
+        "tokens_sha256": hashlib.sha256("\n".join(side["tokens"]).encode("utf-8")).hexdigest(),
+    }
 
 
 def align_rows(file_tokens: Sequence[str], wanted_tokens: Iterable[str], source: str) -> np.ndarray:

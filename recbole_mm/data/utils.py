@@ -11,10 +11,11 @@ from recbole.utils import set_color
 from recbole.utils.argument_list import dataset_arguments
 
 from recbole_mm import registry
+from recbole_mm.atomic import BuildLock, atomic_pickle, leftover_temps, lock_path_for, remove_leftovers
 from recbole_mm.data.dataset import DatasetNotFoundError, missing_folder_message
 
 # Plugin keys that change what the Dataset object holds (part of the saved-dataset cache key).
-MM_DATASET_ARGUMENTS = ["keep_last_n"]
+MM_DATASET_ARGUMENTS = ["keep_last_n", "new_item_ratio"]
 
 
 def ensure_dataset_folder(config) -> None:
@@ -34,21 +35,70 @@ def ensure_dataset_folder(config) -> None:
         raise DatasetNotFoundError(f"dataset folder {path} has no {name}.inter file")
 
 
+def get_dataset_class(config) -> type:
+    """Dataset class for ``config['model']``: the model's ``dataset_class`` attribute, else by model type."""
+    import importlib
+
+    from recbole.utils import ModelType
+
+    from recbole_mm.data.dataset import MMDataset, MMSequentialDataset
+
+    model_cls = registry.model_class_of(config)
+    cls = getattr(model_cls, "dataset_class", None)
+    if cls is not None:
+        return cls
+    data_module = importlib.import_module("recbole.data.dataset")
+    legacy = getattr(data_module, f"{config['model']}Dataset", None)  # RecBole's own per-model datasets
+    if legacy is not None:
+        return legacy
+    model_type = config["MODEL_TYPE"]
+    if model_type == ModelType.SEQUENTIAL:
+        return MMSequentialDataset
+    if model_type == ModelType.KNOWLEDGE:
+        return data_module.KnowledgeBasedDataset
+    return MMDataset
+
+
 def create_dataset(config):
-    """Dataset for ``config``: the model's ``dataset_class`` (else by model type), cached like RecBole's."""
+    """Dataset for ``config``: the model's ``dataset_class`` (else by model type), cached like RecBole's.
+
+    With ``save_dataset``, the cache file is built by one process at a time (:class:`recbole_mm.atomic.BuildLock`,
+    file ``.<name>.pth.lock``): concurrent runs wait for it and load it. It is written atomically (temporary
+    file, then rename), so a reader or a killed writer never leaves a partial pickle; an unreadable cache file
+    is reported and rebuilt.
+    """
     ensure_dataset_folder(config)
-    dataset_class = registry.get_dataset_class(config)
+    dataset_class = get_dataset_class(config)
     default_file = os.path.join(config["checkpoint_dir"], f'{config["dataset"]}-{dataset_class.__name__}.pth')
     file = config["dataset_save_path"] or default_file
-    if os.path.exists(file):
+    dataset = _load_saved_dataset(file, config)
+    if dataset is not None:
+        return dataset
+    if not config["save_dataset"]:
+        return dataset_class(config)
+    with BuildLock(lock_path_for(default_file), what=f"saved dataset {default_file}", log=logging.getLogger()):
+        remove_leftovers(leftover_temps(default_file), "dataset save", logging.getLogger(), reason="temporary files")
+        dataset = _load_saved_dataset(default_file, config)  # saved meanwhile by another process?
+        if dataset is None:
+            dataset = dataset_class(config)
+            logging.getLogger().info(set_color("Saving filtered dataset into ", "pink") + f"[{default_file}]")
+            atomic_pickle(default_file, dataset)  # RecBole's Dataset.save, atomically
+    return dataset
+
+
+def _load_saved_dataset(file: str, config):
+    """The dataset pickled in ``file`` if it exists, is readable and was made with this run's dataset keys."""
+    if not os.path.exists(file):
+        return None
+    try:
         with open(file, "rb") as f:
             dataset = pickle.load(f)
-        keys = dataset_arguments + ["seed", "repeatable"] + MM_DATASET_ARGUMENTS
-        if all(config[arg] == dataset.config[arg] for arg in keys):
-            logging.getLogger().info(set_color("Load filtered dataset from", "pink") + f": [{file}]")
-            dataset.config = config  # content keys (text fields, image store, ...) come from this run
-            return dataset
-    dataset = dataset_class(config)
-    if config["save_dataset"]:
-        dataset.save()
+    except Exception as e:  # truncated (killed writer of an older version), or made by other code
+        logging.getLogger().warning(f"saved dataset {file} is unreadable ({type(e).__name__}: {e}); building it again")
+        return None
+    keys = dataset_arguments + ["seed", "repeatable"] + MM_DATASET_ARGUMENTS
+    if not all(config[arg] == dataset.config[arg] for arg in keys):
+        return None
+    logging.getLogger().info(set_color("Load filtered dataset from", "pink") + f": [{file}]")
+    dataset.config = config  # content keys (text fields, image store, ...) come from this run
     return dataset

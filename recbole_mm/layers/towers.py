@@ -5,6 +5,7 @@
 - :class:`TextTower` (end-to-end): token ids of each item (tokenised once, a buffer) -> text encoder under a
   fine-tune policy -> ``Linear(d, D)`` + GELU (MoRec's E2E head).
 - :class:`ImageTower` (end-to-end): uint8 pixels from the image store -> image encoder -> ``Linear(d, D)`` + GELU.
+- :class:`IDTower`: a zero-initialised ID embedding, added to the content vector where a model mixes IDs in.
 
 Buffers holding content are not saved in checkpoints (``persistent=False``): they are rebuilt from the dataset.
 Frozen parts of an encoder stay in eval mode while training (BatchNorm statistics and dropout of frozen
@@ -80,6 +81,19 @@ class ImageTower(_EncoderTower):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pixels = self.content.pixels(ids, self.encoder.image_size)
         return self.head(self.encoder(pixels.to(ids.device)))
+
+
+class IDTower(nn.Module):
+    """A learned vector per item id, initialised to zeros: summed with a content tower (``id_tower: True``), an item
+    never seen in training keeps a zero ID part and is represented by its content alone."""
+
+    def __init__(self, n_items: int, d_out: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_items, d_out, padding_idx=0)
+        nn.init.zeros_(self.embedding.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
 
 
 class FusedItemTower(nn.Module):

@@ -22,6 +22,8 @@ lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the re
 
 from __future__ import annotations
 
+import os
+
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
@@ -32,6 +34,12 @@ from recbole_mm.trainer import MMTrainer
 from recbole_mm.utils import cfg_get
 
 SEQ_MODES = ("all_position", "prefix")
+SIMILARITIES = ("dot", "cosine")
+
+
+class FeatureMismatchError(ValueError):
+    """A checkpoint loaded onto frozen features other than those it was trained on."""
+
 LOSSES = ("inbatch", "bce", "ce")
 
 
@@ -56,6 +64,13 @@ class MMSequentialRecommender(SequentialRecommender):
             raise ValueError(f"the training data was built for seq_mode {applied!r}, the model asks for {self.seq_mode!r}")
         if self.loss_name not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss_name!r}")
+        self.logq_correction = bool(cfg_get(config, "logq_correction", True))
+        self.similarity = cfg_get(config, "similarity", "dot")
+        self.temperature = float(cfg_get(config, "temperature", 0.1))
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.similarity == "cosine" and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.item_matrix_batch_size = int(cfg_get(config, "item_matrix_batch_size", 256))
         # AMP only helps (and is only enabled) on CUDA; the trainer's autocast covers training
         self.amp = bool(cfg_get(config, "enable_amp", False)) and torch.device(config["device"]).type == "cuda"
@@ -72,6 +87,15 @@ class MMSequentialRecommender(SequentialRecommender):
         self._item_matrix = None
 
     # ------------------------------------------------------------------ items
+    def frozen_features(self, config, dataset, modality: str) -> torch.Tensor:
+        """Frozen features ``[n_items, d]`` of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0
+        zeros), extracted on first use with the run's encoder keys and cached in the dataset folder."""
+        from recbole_mm.extract import get_or_extract, spec_from_config
+
+        spec = spec_from_config(config, modality)
+        path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
+        return self.content.features(path)
+
     def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors for ``ids`` (any shape) -> ``ids.shape + (D,)``; each unique id is encoded once."""
         flat = ids.reshape(-1)
@@ -120,6 +144,19 @@ class MMSequentialRecommender(SequentialRecommender):
             self.invalidate_item_matrix()  # parameters will change: the cached matrix is stale
         return super().train(mode)
 
+    # --------------------------------------------------------------- scoring
+    def score_users(self, states: torch.Tensor) -> torch.Tensor:
+        """User states in the scoring space: as they are (``similarity: dot``, the papers) or unit length divided
+        by ``temperature`` (``cosine``), so that ``score_users(u) @ score_items(v).T`` are the logits."""
+        if self.similarity == "cosine":
+            return torch.nn.functional.normalize(states, dim=-1) / self.temperature
+        return states
+
+    def score_items(self, vecs: torch.Tensor) -> torch.Tensor:
+        if self.similarity == "cosine":
+            return torch.nn.functional.normalize(vecs, dim=-1)
+        return vecs
+
     # --------------------------------------------------------------- batches
     def sequence_targets(self, interaction):
         """``(inputs [B, L], lengths [B], targets [B, L], seq_items [B, L + 1])`` for the current ``seq_mode``."""
@@ -150,7 +187,7 @@ class MMSequentialRecommender(SequentialRecommender):
             real = self.item_tower(torch.arange(1, self.n_items, device=seq.device))  # every item once
             self._count(self.n_items - 1)
             states = self.user_states(seq, lengths, real[(seq - 1).clamp(min=0)])  # padding zeroed there
-            return losses.full_softmax_loss(states, targets, real, first_id=1)
+            return losses.full_softmax_loss(self.score_users(states), targets, self.score_items(real), first_id=1)
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         all_ids = full
         if self.loss_name == "bce":
@@ -165,10 +202,13 @@ class MMSequentialRecommender(SequentialRecommender):
         if self.loss_name == "inbatch":
             keep = uniq > 0
             return losses.inbatch_softmax_loss(
-                states, targets, uniq[keep], uniq_vecs[keep], full, users, self.log_pop[uniq[keep]], counts[keep]
+                self.score_users(states), targets, uniq[keep], self.score_items(uniq_vecs[keep]), full, users,
+                self.log_pop[uniq[keep]] if self.logq_correction else None, counts[keep]
             )
         valid = targets > 0
-        return losses.bce_loss(states[valid], vecs[:, 1 : length + 1][valid], vecs[:, length + 1 :][valid])
+        item_vecs = self.score_items(vecs)
+        return losses.bce_loss(self.score_users(states[valid]), item_vecs[:, 1 : length + 1][valid],
+                               item_vecs[:, length + 1 :][valid])
 
     # ------------------------------------------------------------- inference
     def user_vector(self, interaction) -> torch.Tensor:
@@ -179,11 +219,42 @@ class MMSequentialRecommender(SequentialRecommender):
         return self.gather_indexes(states, lengths - 1)
 
     def full_sort_predict(self, interaction):
-        return self.user_vector(interaction) @ self.item_matrix().t()
+        return self.score_users(self.user_vector(interaction)) @ self.score_items(self.item_matrix()).t()
 
     def predict(self, interaction):
-        user = self.user_vector(interaction)
-        return (user * self.item_matrix()[interaction[self.ITEM_ID]]).sum(-1)
+        user = self.score_users(self.user_vector(interaction))
+        return (user * self.score_items(self.item_matrix()[interaction[self.ITEM_ID]])).sum(-1)
+
+    # ------------------------------------------------------------ checkpoints
+    FEATURES_KEY = "recbole_mm_features"
+
+    def feature_fingerprints(self) -> dict:
+        """``{"<encoder folder>/<file>": fingerprint}`` of the frozen feature files this model was built on."""
+        loaded = getattr(self.content, "loaded_feature_fingerprints", None) or {}
+        return {"/".join(os.path.normpath(p).split(os.sep)[-2:]): dict(fp) for p, fp in loaded.items()}
+
+    def other_parameter(self):
+        """RecBole saves this in checkpoints: also the fingerprints of the features the model was trained on."""
+        out = dict(super().other_parameter() or {})
+        out[self.FEATURES_KEY] = self.feature_fingerprints()
+        return out
+
+    def load_other_parameter(self, para):
+        """Loading a checkpoint onto features other than those it was trained on is an error (not a silent
+        mismatch): a re-extracted, permuted or replaced feature file changes its sha256."""
+        para = dict(para or {})
+        saved = para.pop(self.FEATURES_KEY, None)
+        if saved:
+            now = self.feature_fingerprints()
+            for name, fp in saved.items():
+                have = now.get(name)
+                if have is None or have.get("sha256") != fp.get("sha256"):
+                    raise FeatureMismatchError(
+                        f"this checkpoint was trained on the features {name} (sha256 {str(fp.get('sha256'))[:12]}..., "
+                        f"shape {fp.get('shape')}), but the model now reads "
+                        + (f"sha256 {str(have.get('sha256'))[:12]}..." if have else "no such file")
+                        + ": restore that feature file (same encoder and settings) or retrain on the current one")
+        super().load_other_parameter(para or None)
 
     # ------------------------------------------------------------- optimizer
     def encoder_parameter_names(self) -> set:

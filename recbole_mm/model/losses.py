@@ -47,7 +47,9 @@ def inbatch_softmax_loss(
 
     For the row of example ``b`` at position ``t``, every candidate that occurs in ``b``'s user's sequence(s) is
     masked except the target itself; the label is the target's candidate column. Mean over positions with a
-    target. Unlike the originals, copies of the target item in other users' sequences are not negatives.
+    target. This equals the originals' one-column-per-slot softmax (tests/test_losses.py checks it against a
+    per-slot reference): there too, every slot holding an item of the user's sequence is masked except the
+    target's own slot, so copies of the target in other users' slots are not negatives either.
     """
     valid = target_ids > 0
     rows = valid.nonzero(as_tuple=True)[0]  # example of each position with a target

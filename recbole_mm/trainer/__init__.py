@@ -1,5 +1,5 @@
-"""Trainers: RecBole's loop with parameter groups, cold-item metrics and metering."""
+"""Trainers: RecBole's loop with the papers' protocol (history masking, cold / new item metrics), parameter groups and metering."""
 
-from recbole_mm.trainer.trainer import ColdItemCollector, MMTrainer
+from recbole_mm.trainer.trainer import GroupCollector, MMTraditionalTrainer, MMTrainer
 
-__all__ = ["ColdItemCollector", "MMTrainer"]
+__all__ = ["GroupCollector", "MMTraditionalTrainer", "MMTrainer"]

@@ -1,17 +1,23 @@
 """``MMTrainer``: RecBole's Trainer (same loop, early stopping, checkpoints, evaluation) plus:
 
+- the seed papers' protocol (:mod:`recbole_mm.data.protocol`): for sequential models, the items a user already
+  had are masked in full-sort evaluation (``mask_history``, default true; valid masks the training items, test
+  the training items and the valid target; RecBole 1.2.1 masks nothing for sequential models);
+- metrics per item group, next to the overall ones: ``cold`` targets (``1..t`` training interactions, ``t`` from
+  ``cold_item_threshold`` or ``cold_item_quantile``) and ``new`` targets (no training interaction, e.g. held out
+  by ``new_item_ratio``); each result holds ``rows`` (how many targets it averages) and ``None`` metrics when
+  there are none (``cold_valid_result`` / ``new_valid_result`` for the best epoch, ``cold_test_result`` /
+  ``new_test_result`` for the final test);
 - parameter groups: the model's ``optimizer_groups(config)`` (encoder vs the rest, each with its own learning
   rate and weight decay) in the one optimizer RecBole builds;
 - AMP only when it can help: ``enable_amp`` is honoured on CUDA (with a GradScaler) and ignored on the CPU;
-- cold-item metrics: the configured ranking metrics again, over test (valid) targets whose item had at most
-  ``cold_item_threshold`` interactions in the training split (``cold_valid_result`` for the best epoch,
-  ``cold_test_result`` for the final test; ``None`` threshold disables them);
 - metering: seconds per training epoch and per evaluation, the loss and valid-score history, and a
   training-curve plot (``plot_training_curve``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -21,58 +27,71 @@ from recbole.data.interaction import Interaction  # noqa: F401  (re-exported for
 from recbole.evaluator import Collector
 from recbole.evaluator.collector import DataStruct
 from recbole.trainer import Trainer
+from recbole.utils import ModelType
 
+from recbole_mm.data.protocol import item_groups
 from recbole_mm.utils import cfg_get
 
+GROUPS = ("cold", "new")
 
-class ColdItemCollector(Collector):
-    """RecBole's Collector that also keeps the top-k hits of cold target items (``cold_items[item]`` true)."""
+
+class GroupCollector(Collector):
+    """RecBole's Collector that also keeps the top-k hits of the targets of each item group
+    (``groups[name][item]`` true)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.cold_items = None
-        self.cold_struct = DataStruct()
+        self.groups: dict = {}
+        self.group_structs: dict = {}
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
-        if self.cold_items is None or not self.register.need("rec.topk"):
+        if not self.groups or not self.register.need("rec.topk"):
             return
-        cold = self.cold_items.to(positive_i.device)[positive_i]
         _, topk_idx = torch.topk(scores_tensor, max(self.topk), dim=-1)
-        pos = torch.zeros_like(scores_tensor, dtype=torch.int)
-        pos[positive_u[cold], positive_i[cold]] = 1
-        pos_len = pos.sum(dim=1, keepdim=True)
-        rows = pos_len.squeeze(1) > 0
-        result = torch.cat((torch.gather(pos, 1, topk_idx), pos_len), dim=1)[rows]
-        self.cold_struct.update_tensor("rec.topk", result)
+        for name, members in self.groups.items():
+            chosen = members.to(positive_i.device)[positive_i]
+            pos = torch.zeros_like(scores_tensor, dtype=torch.int)
+            pos[positive_u[chosen], positive_i[chosen]] = 1
+            pos_len = pos.sum(dim=1, keepdim=True)
+            rows = pos_len.squeeze(1) > 0
+            result = torch.cat((torch.gather(pos, 1, topk_idx), pos_len), dim=1)[rows]
+            self.group_structs.setdefault(name, DataStruct()).update_tensor("rec.topk", result)
 
-    def take_cold_struct(self) -> DataStruct:
-        struct = self.cold_struct
-        self.cold_struct = DataStruct()
-        for key in list(struct._data_dict):
-            struct._data_dict[key] = struct._data_dict[key].cpu()
-        return struct
+    def take_group_structs(self) -> dict:
+        structs, self.group_structs = self.group_structs, {}
+        for struct in structs.values():
+            for key in list(struct._data_dict):
+                struct._data_dict[key] = struct._data_dict[key].cpu()
+        return structs
 
 
 class MMTrainer(Trainer):
-    """RecBole's Trainer with parameter groups, CUDA-only AMP, cold-item metrics and metering (module doc)."""
+    """RecBole's Trainer with the papers' protocol (history masking, cold / new item metrics), parameter groups,
+    CUDA-only AMP and metering (module doc)."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
         self.enable_amp = bool(config["enable_amp"]) and torch.device(config["device"]).type == "cuda"
         # fp16 autocast needs loss scaling (gradients underflow otherwise): on with AMP
         self.enable_scaler = torch.cuda.is_available() and (bool(config["enable_scaler"]) or self.enable_amp)
-        self.eval_collector = ColdItemCollector(config)
+        self.eval_collector = GroupCollector(config)
         self.cold_item_threshold = cfg_get(config, "cold_item_threshold")
-        self.cold_valid_result = None
-        self.cold_test_result = None
+        self.cold_item_quantile = cfg_get(config, "cold_item_quantile")
+        self.cold_threshold_used = None
+        self.mask_history = config["MODEL_TYPE"] == ModelType.SEQUENTIAL and bool(cfg_get(config, "mask_history", True))
+        self._history = None
+        self._warned_no_history = False
+        for split in ("valid", "test"):
+            for group in GROUPS:
+                setattr(self, f"{group}_{split}_result", None)
         self.epoch_seconds: list = []
         self.eval_seconds: list = []
         self.train_loss_history: list = []
         self.valid_score_history: list = []
         self.valid_epoch_history: list = []
         self._valid_pairs: list = []
-        self._last_cold = None
+        self._last_groups: dict = {}
         self._in_fit = False
 
     def _build_optimizer(self, **kwargs):
@@ -84,25 +103,29 @@ class MMTrainer(Trainer):
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        self._set_cold_items(train_data._dataset, is_train_split=True)
+        self._set_item_groups(train_data._dataset, is_train_split=True)
         self._in_fit = True
         try:
             result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         finally:
             self._in_fit = False
-        self.cold_valid_result = next((c for v, c in self._valid_pairs if v is self.best_valid_result), None)
+        best = next((g for v, g in self._valid_pairs if v is self.best_valid_result), {})
+        for group in GROUPS:
+            setattr(self, f"{group}_valid_result", best.get(group))
         return result
 
-    def _set_cold_items(self, dataset, is_train_split: bool = False) -> None:
-        """Cold items from the training split's counts (``train_item_counts`` of recbole_mm's datasets, else
+    def _set_item_groups(self, dataset, is_train_split: bool = False) -> None:
+        """Item groups from the training split's counts (``train_item_counts`` of recbole_mm's datasets, else
         counted from the training split itself)."""
         counts = getattr(dataset, "train_item_counts", None)
         if counts is None and is_train_split:
             counts = np.bincount(dataset.inter_feat[dataset.iid_field].numpy(), minlength=dataset.item_num)
-        if self.cold_item_threshold is None or counts is None:
-            self.eval_collector.cold_items = None
+        if counts is None:
+            self.eval_collector.groups = {}
             return
-        self.eval_collector.cold_items = torch.as_tensor(counts) <= int(self.cold_item_threshold)
+        groups = item_groups(counts, self.cold_item_threshold, self.cold_item_quantile)
+        self.cold_threshold_used = groups.pop("cold_threshold", None)
+        self.eval_collector.groups = groups
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time.perf_counter()
@@ -115,43 +138,82 @@ class MMTrainer(Trainer):
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.valid_score_history.append(float(score))
         self.valid_epoch_history.append(len(self.train_loss_history) - 1)
-        self._valid_pairs.append((result, self._last_cold))
+        self._valid_pairs.append((result, self._last_groups))
         return score, result
 
     # ------------------------------------------------------------- evaluate
+    def _full_sort_batch_eval(self, batched_data):
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
+        if self._history is not None:
+            rows, items = self._history.mask_index(interaction[self.model.USER_ID], positive_i)
+            scores[rows.to(scores.device), items.to(scores.device)] = -np.inf
+        return interaction, scores, positive_u, positive_i
+
+    def _history_of(self, eval_data):
+        from recbole.data.dataloader import FullSortEvalDataLoader
+
+        if not self.mask_history or not isinstance(eval_data, FullSortEvalDataLoader):
+            return None  # sampled evaluation ranks sampled negatives: nothing to mask
+        history = getattr(eval_data._dataset, "history_index", None)
+        if history is None and not self._warned_no_history:
+            self._warned_no_history = True
+            logging.getLogger().warning(
+                f"mask_history: the {type(eval_data._dataset).__name__} of {self.config['model']} has no history index "
+                "(not a recbole_mm dataset): history items are NOT masked in this evaluation")
+        return history
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if eval_data and self.eval_collector.cold_items is None and self.cold_item_threshold is not None:
-            self._set_cold_items(eval_data._dataset)  # evaluation without fit (e.g. a loaded checkpoint)
+        if eval_data and not self.eval_collector.groups:
+            self._set_item_groups(eval_data._dataset)  # evaluation without fit (e.g. a loaded checkpoint)
         invalidate = getattr(self.model, "invalidate_item_matrix", None)
         if invalidate is not None:
             invalidate()  # one item matrix per evaluation pass
+        self._history = self._history_of(eval_data) if eval_data else None
         start = time.perf_counter()
-        result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
-                                  show_progress=show_progress)
+        try:
+            result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                      show_progress=show_progress)
+        finally:
+            self._history = None
         self.eval_seconds.append(time.perf_counter() - start)
-        self._last_cold = self._cold_result()
+        self._last_groups = self._group_results()
         if not self._in_fit:
-            self.cold_test_result = self._last_cold
+            for group in GROUPS:
+                setattr(self, f"{group}_test_result", self._last_groups.get(group))
         return result
 
-    def _cold_result(self):
-        if self.eval_collector.cold_items is None:
-            return None
-        struct = self.eval_collector.take_cold_struct()
-        if "rec.topk" not in struct:
-            return None
-        result = {"rows": int(struct.get("rec.topk").shape[0])}
-        for name, metric in self.evaluator.metric_class.items():
-            if set(getattr(metric, "metric_need", [])) <= {"rec.topk"}:
-                result.update(metric.calculate_metric(struct))
-        return result
+    def _group_results(self) -> dict:
+        structs = self.eval_collector.take_group_structs()
+        out = {}
+        for name in self.eval_collector.groups:
+            struct = structs.get(name)
+            rows = int(struct.get("rec.topk").shape[0]) if struct is not None and "rec.topk" in struct else 0
+            result = {"rows": rows}
+            if name == "cold" and self.cold_threshold_used is not None:
+                result["max_train_count"] = self.cold_threshold_used
+            for metric_name, metric in self.evaluator.metric_class.items():
+                if set(getattr(metric, "metric_need", [])) <= {"rec.topk"}:
+                    if rows:
+                        result.update(metric.calculate_metric(struct))
+                    else:
+                        result.update({f"{metric_name}@{k}": None for k in self.eval_collector.topk})
+            out[name] = result
+        return out
 
     # ------------------------------------------------------------- plotting
     def plot_training_curve(self, path: str) -> str:
         """Training loss and valid score per epoch, as a PNG (see :func:`plot_training_curve`)."""
         return plot_training_curve(path, self.train_loss_history, self.valid_score_history, self.valid_epoch_history,
                                    f"{self.config['model']} on {self.config['dataset']}", f"valid {self.valid_metric}")
+
+
+class MMTraditionalTrainer(MMTrainer):
+    """RecBole's ``TraditionalTrainer`` (one epoch: Pop, ItemKNN, EASE, ...) with MMTrainer's protocol and metrics."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.epochs = 1
 
 
 def plot_training_curve(path: str, train_loss: list, valid_scores: list, valid_epochs: list, title: str = "",

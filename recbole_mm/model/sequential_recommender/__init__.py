@@ -1,5 +1,6 @@
 """Multimodal sequential models (one model per file; the file is named after the model)."""
 
+from recbole_mm.model.sequential_recommender.contentknn import ContentKNN
 from recbole_mm.model.sequential_recommender.morec import MoRec
 
-__all__ = ["MoRec"]
+__all__ = ["ContentKNN", "MoRec"]

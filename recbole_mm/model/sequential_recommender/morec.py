@@ -14,10 +14,9 @@ Reference:
 from __future__ import annotations
 
 from recbole_mm.encoders import ImageEncoder, TextEncoder, apply_finetune
-from recbole_mm.extract import get_or_extract, spec_from_config
 from recbole_mm.layers.fusion import build_fusion
 from recbole_mm.layers.sequence import build_sequence_encoder
-from recbole_mm.layers.towers import FeatureTower, FusedItemTower, ImageTower, TextTower
+from recbole_mm.layers.towers import FeatureTower, FusedItemTower, IDTower, ImageTower, TextTower
 from recbole_mm.model.abstract import MMSequentialRecommender
 from recbole_mm.registry import register_model
 from recbole_mm.utils import cfg_get
@@ -47,9 +46,9 @@ class MoRec(MMSequentialRecommender):
           ``keep_last_n: L + 3`` for exactly that).
         - Freezing is by module position (``finetune: top_k``) instead of by parameter index
           (``freeze_paras_before``); the unused BERT pooler is always frozen.
-        - The in-batch loss has one column per unique batch item weighted by its number of batch slots (the
-          original has one column per slot: the same softmax), except that copies of the target item in other
-          users' sequences are not negatives; items of other windows of the same user are masked too.
+        - The in-batch loss has one column per unique batch item weighted by its number of batch slots; this is
+          the same softmax as the original's one column per slot (checked against a per-slot reference). Items
+          of the same user's other windows in the batch are masked too (the original has one window per user).
         - BCE negatives avoid the user's whole training sequence (the original: the user's truncated sequence,
           which is the same with ``keep_last_n: L + 3``).
         - Under ``top_k`` / ``lora``, fully frozen encoder blocks run in eval mode (no dropout, no BatchNorm
@@ -78,15 +77,17 @@ class MoRec(MMSequentialRecommender):
         # define layers
         modalities = MODALITIES[self.modality]
         towers = {m: self._build_tower(m, config, dataset) for m in modalities}
-        self.item_tower = FusedItemTower(towers, build_fusion(self.fusion_kind, self.embedding_size, len(towers)))
+        item_tower = FusedItemTower(towers, build_fusion(self.fusion_kind, self.embedding_size, len(towers)))
+        if cfg_get(config, "id_tower", False):  # content + a zero-initialised ID vector (summed)
+            item_tower = FusedItemTower({"content": item_tower, "id": IDTower(self.n_items, self.embedding_size)},
+                                        build_fusion("sum", self.embedding_size, 2))
+        self.item_tower = item_tower
         self.seq_encoder = build_sequence_encoder(config, self.embedding_size)
 
     def _build_tower(self, modality, config, dataset):
         d = self.embedding_size
         if self.mode == "two_stage":
-            spec = spec_from_config(config, modality)
-            path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
-            return FeatureTower(self.content.features(path), d, cfg_get(config, "dnn_layers", 0),
+            return FeatureTower(self.frozen_features(config, dataset, modality), d, cfg_get(config, "dnn_layers", 0),
                                 cfg_get(config, "dropout_prob", 0.1))
         finetune = dict(
             policy=cfg_get(config, "finetune", "full"),

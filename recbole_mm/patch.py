@@ -1,0 +1,166 @@
+"""Make RecBole's own entry points find plugin models, and apply :mod:`recbole_mm.compat`'s shims, lazily.
+
+``import recbole_mm`` must stay cheap (no torch, recbole or ray: ``recbole-mm --help`` answers in well under a
+second), yet RecBole's own ``recbole.quick_start.run_recbole`` / ``objective_function`` /
+``load_data_and_model`` must find plugin models after it. So :func:`watch` (run by ``import recbole_mm``)
+registers post-import hooks on the modules concerned, through a ``sys.meta_path`` finder that wraps their
+loader; each hook runs right after its module finished executing, or at once when the module was already
+imported:
+
+========================================  ==================================================================
+module                                    hook
+========================================  ==================================================================
+``numpy``                                 the numpy 1 aliases RecBole / ray read (``np.float_``, ``np.bool8``)
+``torch``                                 remember its thread count (:mod:`recbole_mm.threads`)
+``recbole.utils``                         ``get_model`` -> :func:`recbole_mm.registry.get_model`
+``recbole.config.configurator``           the same for the name RecBole's Config bound
+RecBole's checkpoint load sites           ``torch.load`` defaults to ``weights_only=False`` there (compat)
+``...sequential_recommender.sine``        switch off the anomaly detection ``sine.py`` turns on
+``recbole.quick_start``                   :func:`install` (everything below)
+========================================  ==================================================================
+
+:func:`install` (also ``recbole_mm.install()``, idempotent) replaces every binding RecBole's quick start uses:
+``get_model`` (four modules), ``get_trainer``, ``create_dataset``, ``Config`` (the plugin's: plugin yaml,
+unknown-key warnings), ``get_flops`` (never fatal) and ``load_data_and_model`` (plugin models, trusted load, numpy
+settings for the unpickled Config). Each replacement falls back to RecBole's behaviour for RecBole's models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import sys
+import threading
+from typing import Callable
+
+from recbole_mm import compat, registry, threads
+
+_HOOKS: dict[str, list[Callable]] = {}
+_LOCK = threading.RLock()
+_STATE = {"install": "no"}  # no | running | done
+
+
+def _hook_loader(loader, name: str) -> None:
+    """Run the module's hooks after ``loader.exec_module``. The loader object is the module's own (finders make
+    one per spec), so the wrapper is set on the instance and the loader keeps its type."""
+    exec_module = loader.exec_module
+
+    def exec_then_hooks(module):
+        exec_module(module)
+        _run_hooks(name, module)
+
+    loader.exec_module = exec_then_hooks
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a hooked module, asks the other finders and hooks the loader they return."""
+
+    _busy = threading.local()
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _HOOKS or getattr(self._busy, fullname, False):
+            return None
+        setattr(self._busy, fullname, True)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        _hook_loader(spec.loader, fullname)
+                    return spec
+            return None
+        finally:
+            setattr(self._busy, fullname, False)
+
+
+_FINDER = _PostImportFinder()
+
+
+def _run_hooks(name: str, module) -> None:
+    for hook in _HOOKS.get(name, ()):
+        hook(module)
+
+
+def when_imported(name: str, hook: Callable) -> None:
+    """Run ``hook(module)`` once module ``name`` has finished importing (now, when it already has)."""
+    with _LOCK:
+        _HOOKS.setdefault(name, []).append(hook)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)
+    module = sys.modules.get(name)
+    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False) is False:
+        hook(module)
+
+
+def _patch_get_model(module) -> None:
+    module.get_model = registry.get_model
+    if module.__name__ == "recbole.utils":
+        sys.modules["recbole.utils.utils"].get_model = registry.get_model
+
+
+_WATCHED = False
+
+
+def watch() -> None:
+    """Register the post-import hooks (idempotent; cheap: imports nothing)."""
+    global _WATCHED
+    with _LOCK:
+        if _WATCHED:
+            return
+        _WATCHED = True
+    when_imported("numpy", lambda m: compat.apply_numpy_aliases())
+    when_imported("torch", threads.record_torch_default)
+    when_imported("recbole.utils", _patch_get_model)
+    when_imported("recbole.config.configurator", _patch_get_model)
+    for name in compat.RECBOLE_LOAD_SITES:
+        when_imported(name, compat.trust_checkpoint_loads_in)
+    when_imported("recbole.model.sequential_recommender.sine", compat.undo_recbole_anomaly_mode)
+    when_imported("recbole.quick_start", lambda m: install())
+
+
+def install() -> None:
+    """Make RecBole's own entry points find plugin models, yaml, dataset and trainer classes. Idempotent."""
+    with _LOCK:
+        if _STATE["install"] != "no":  # done, or running (importing recbole.quick_start below re-enters)
+            return
+        _STATE["install"] = "running"
+    try:
+        _install()
+    except BaseException:
+        _STATE["install"] = "no"
+        raise
+    _STATE["install"] = "done"
+
+
+def _install() -> None:
+    watch()
+    compat.apply_numpy_aliases()
+    # By name from sys.modules: this may run inside the import of recbole.quick_start (its post-import hook),
+    # before the import system sets the submodule as an attribute of its parent package.
+    modules = {name: importlib.import_module(name) for name in (
+        "recbole.config", "recbole.config.configurator", "recbole.data", "recbole.data.utils", "recbole.quick_start",
+        "recbole.quick_start.quick_start", "recbole.utils", "recbole.utils.utils")}
+    configurator, data_utils = modules["recbole.config.configurator"], modules["recbole.data.utils"]
+    qs, utils_utils = modules["recbole.quick_start.quick_start"], modules["recbole.utils.utils"]
+
+    from recbole_mm import quick_start as mm_qs
+    from recbole_mm.config import Config
+    from recbole_mm.data.utils import create_dataset
+    from recbole_mm.trainer.utils import get_trainer
+
+    for module in (modules["recbole.utils"], utils_utils, configurator, qs):
+        module.get_model = registry.get_model
+    for module in (modules["recbole.utils"], utils_utils, qs):
+        module.get_trainer = get_trainer
+    for module in (modules["recbole.data"], data_utils, qs):
+        module.create_dataset = create_dataset
+    # RecBole's quick start builds its Config by name: give it the plugin's (same class contract).
+    qs.Config = Config
+    modules["recbole.config"].Config = Config
+    qs.get_flops = compat.safe_get_flops  # thop fails on peft adapters; RecBole calls it unconditionally
+    # RecBole's load_data_and_model loads with bare torch.load, RecBole's get_model, and no numpy settings.
+    qs.load_data_and_model = mm_qs.load_data_and_model
+    modules["recbole.quick_start"].load_data_and_model = mm_qs.load_data_and_model
+    compat.undo_recbole_anomaly_mode()  # the load sites and sine.py are handled by watch()'s hooks
