@@ -24,6 +24,16 @@ from recbole_mm.registry import get_model, is_model, list_models, register_model
 
 _patch.watch()
 
+
+def _discover_plugin_models() -> None:
+    """Import the plugin's model package (its classes register themselves); run by the registry on first lookup."""
+    import recbole_mm.model  # noqa: F401
+
+
+from recbole_mm import registry as _registry  # noqa: E402
+
+_registry.add_discovery_hook(_discover_plugin_models)
+
 __all__ = [
     "Config",
     "__version__",

@@ -51,9 +51,25 @@ def _plain_argv():
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"  # a group with no rows has no metric
     if isinstance(v, int):
         return str(v)
     return f"{float(v):.4f}" if isinstance(v, float) else str(v)
+
+
+def result_rows(result: dict) -> dict:
+    """The rows of a run's results table: valid and test overall, then on cold and on new items (with how many
+    targets each averages in the ``rows`` column)."""
+    cold_t = result.get("cold_threshold_used")
+    cold = f"cold items (1-{cold_t} train interactions)" if cold_t is not None else "cold items"
+    out = {"valid": result.get("best_valid_result"), "test": result.get("test_result")}
+    for split in ("valid", "test"):
+        for key, label in (("cold", cold), ("new", "new items (no train interaction)")):
+            group = result.get(f"{key}_{split}_result")
+            if group is not None:
+                out[f"{split}, {label}"] = {k: v for k, v in group.items() if k != "max_train_count"}
+    return out
 
 
 def results_table(rows: dict) -> str:
@@ -97,14 +113,7 @@ def cmd_run(args) -> int:
             config_dict=config_dict,
             saved=not args.no_save,
         )
-    table = results_table(
-        {
-            "valid": result.get("best_valid_result"),
-            "test": result.get("test_result"),
-            "valid (cold items)": result.get("cold_valid_result"),
-            "test (cold items)": result.get("cold_test_result"),
-        }
-    )
+    table = results_table(result_rows(result))
     print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
     for key, label in (("log_file", "log"), ("checkpoint_file", "checkpoint"), ("tensorboard_dir", "tensorboard")):
         if result.get(key):

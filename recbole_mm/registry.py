@@ -3,8 +3,9 @@
 Plugin models register with :func:`register_model`. :func:`get_model` checks the registry first and falls back to
 RecBole's stock models (SASRec, BPR, ...), so those run through the plugin's entry points unchanged. The lookups
 here are pure: :func:`register_model`, :func:`unregister_model`, :func:`get_model`, :func:`is_model`,
-:func:`list_models`, :func:`model_class_of`. The plugin's own models are discovered by importing
-``recbole_mm.model`` (by name, on the first lookup).
+:func:`list_models`, :func:`model_class_of`. The plugin's own models are discovered on the first lookup by the
+hooks the package adds (:func:`add_discovery_hook`; ``recbole_mm/__init__.py`` adds the import of
+``recbole_mm.model``), so nothing here refers to a layer above.
 
 Dispatch never depends on a module path (RecBole-GNN#41): a model class names what it needs as class
 attributes, read by the layers above:
@@ -155,8 +156,28 @@ def is_model(name: str) -> bool:
         return False
 
 
+_DISCOVERY_HOOKS: list = []
+
+
+def add_discovery_hook(hook) -> None:
+    """``hook()`` imports modules that register models; every lookup runs the hooks first (once each). The package
+    adds the one that imports :mod:`recbole_mm.model`, so the registry itself depends on nothing above it."""
+    if hook not in _DISCOVERY_HOOKS:
+        _DISCOVERY_HOOKS.append(hook)
+
+
+_DISCOVERED: set = set()
+
+
 def _ensure_plugin_models_imported() -> None:
-    importlib.import_module("recbole_mm.model")
+    for hook in list(_DISCOVERY_HOOKS):
+        if hook not in _DISCOVERED:
+            _DISCOVERED.add(hook)
+            try:
+                hook()
+            except BaseException:
+                _DISCOVERED.discard(hook)  # a failed import is retried (and raises again) at the next lookup
+                raise
 
 
 def get_model(model_name) -> type:

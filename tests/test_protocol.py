@@ -175,3 +175,17 @@ def test_one_epoch_stock_models_get_the_protocol_metrics(tiny_config):
     result = recbole_mm.run_recbole(model="Pop", dataset="mm-tiny", config_dict=cfg)
     assert result["cold_test_result"]["rows"] + result["new_test_result"]["rows"] > 0
     assert len(result["epoch_seconds"]) == 1
+
+
+def test_results_table_shows_groups_with_rows_and_dash_for_none():
+    from recbole_mm.cli import result_rows, results_table
+
+    result = {"best_valid_result": {"hit@10": 0.2}, "test_result": {"hit@10": 0.1}, "cold_threshold_used": 7,
+              "cold_test_result": {"rows": 12, "max_train_count": 7, "hit@10": 0.25},
+              "new_test_result": {"rows": 0, "hit@10": None}}
+    table = results_table(result_rows(result))
+    lines = table.splitlines()
+    assert lines[0] == "| split | hit@10 | rows |"
+    assert "| test, cold items (1-7 train interactions) | 0.2500 | 12 |" in lines
+    assert "| test, new items (no train interaction) | - | 0 |" in lines
+    assert "nan" not in table
