@@ -110,3 +110,13 @@ def test_checkpoint_refuses_other_features(cfg, tmp_path):
     config, train, test, model = _build(cfg)
     with pytest.raises(FeatureMismatchError, match=os.path.basename(path)):
         model.load_other_parameter(checkpoint["other_parameter"])
+
+
+def test_fingerprints_are_per_model_when_models_share_a_dataset(cfg):
+    config, train, test, first = _build(cfg)
+    other_config = Config(model="MoRec", dataset="mm-tiny", config_dict=dict(cfg, text_max_length=12))
+    second = recbole_mm.get_model("MoRec")(other_config, train._dataset)  # same dataset, another feature file
+    assert len(first.content.loaded_feature_fingerprints) == 2  # the shared content object saw both
+    one, two = first.feature_fingerprints(), second.feature_fingerprints()
+    assert len(one) == 1 and len(two) == 1 and one.keys() != two.keys()
+    first.load_other_parameter(first.other_parameter())  # its own record loads onto itself

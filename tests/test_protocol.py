@@ -189,3 +189,42 @@ def test_results_table_shows_groups_with_rows_and_dash_for_none():
     assert "| test, cold items (1-7 train interactions) | 0.2500 | 12 |" in lines
     assert "| test, new items (no train interaction) | - | 0 |" in lines
     assert "nan" not in table
+
+
+def _short_users_dataset(root):
+    """40 users with 3-7 interactions over 30 items (timestamps increasing per user)."""
+    rng = np.random.default_rng(1)
+    folder = os.path.join(root, "short")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "short.inter"), "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u in range(40):
+            for k, i in enumerate(rng.choice(30, size=int(rng.integers(3, 8)), replace=False)):
+                f.write(f"u{u}\ti{i}\t{1000 * u + 10 * k}\n")
+    return root
+
+
+@pytest.mark.parametrize("model", ["SASRec", "Pop"])
+def test_new_item_hold_out_with_short_users_never_trains_a_new_item(model, tmp_path):
+    root = _short_users_dataset(str(tmp_path))
+    cfg = {"data_path": root, "new_item_ratio": 0.4, "hidden_size": 8, "inner_size": 16, "n_layers": 1,
+           "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 5, "state": "WARNING", "checkpoint_dir": str(tmp_path / "saved"),
+           "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "user_inter_num_interval": "[0,inf)",
+           "item_inter_num_interval": "[0,inf)",
+           "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}}
+    config = Config(model=model, dataset="short", config_dict=cfg)
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    tok = dataset.field2id_token[dataset.iid_field]
+    new = set(dataset.new_item_tokens)
+    tr = train._dataset.inter_feat
+    trained = set(tr[dataset.iid_field].tolist())
+    if model == "SASRec":
+        trained |= {x for row in tr[train._dataset.item_id_list_field].tolist() for x in row if x}
+    assert not ({tok[i] for i in trained} & new)
+    assert {tok[i] for i in test._dataset.inter_feat[dataset.iid_field].tolist()} & new  # some are scored
+
+
+def test_new_item_ratio_needs_leave_one_out(tiny_config):
+    with pytest.raises(ValueError, match="leave-one-out"):
+        create_dataset(Config(model="Pop", dataset="mm-tiny", config_dict=dict(tiny_config, new_item_ratio=0.2)))

@@ -54,15 +54,17 @@ class MMDatasetMixin:
             self._hold_out_new_items(float(ratio))
 
     def _hold_out_new_items(self, ratio: float) -> None:
-        from recbole_mm.data.protocol import hold_out_new_items
+        from recbole_mm.data.protocol import check_leave_one_out, hold_out_new_items
 
+        check_leave_one_out(self.config, "new_item_ratio")
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"new_item_ratio must be in (0, 1), got {ratio}")
         if self.uid_field is None or self.time_field is None or self.time_field not in self.inter_feat:
             raise ValueError("new_item_ratio needs the user id and timestamp fields loaded (load_col.inter)")
         df = self.inter_feat
+        min_kept = 4 if isinstance(self, SequentialDataset) else 3
         keep, new = hold_out_new_items(df, self.uid_field, self.iid_field, self.time_field, ratio,
-                                       int(self.config["seed"] or 0))
+                                       int(self.config["seed"] or 0), min_kept=min_kept)
         self.inter_feat = df[keep]
         self._reset_index()
         self.new_item_tokens = [str(t) for t in new]
@@ -126,7 +128,17 @@ class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
             d.train_user_item_keys = keys
             d.seq_mode = mode
         _attach_history(datasets, keys)
+        self._check_new_items_untrained(counts)
         return datasets
+
+    def _check_new_items_untrained(self, counts: np.ndarray) -> None:
+        tokens = getattr(self, "new_item_tokens", None)
+        if not tokens:
+            return
+        token_id = self.field2token_id[self.iid_field]
+        leaked = [t for t in tokens if t in token_id and counts[token_id[t]]]
+        if leaked:  # an invariant of the hold-out: a bug if it fails
+            raise RuntimeError(f"new_item_ratio: held-out items reached the training split: {leaked[:5]}")
 
 
 def _attach_history(datasets, train_keys: np.ndarray) -> None:

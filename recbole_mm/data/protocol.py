@@ -88,12 +88,18 @@ def item_groups(train_counts: np.ndarray, threshold: Optional[int] = None, quant
     return groups
 
 
-def hold_out_new_items(df, uid_field: str, iid_field: str, time_field: str, ratio: float, seed: int):
+def hold_out_new_items(df, uid_field: str, iid_field: str, time_field: str, ratio: float, seed: int,
+                       min_kept: int = 4):
     """Rows of ``df`` to keep under the new-item protocol, and the held-out item tokens.
 
     ``ratio`` of the items (drawn with ``seed``) become new: their interactions are dropped from every user's
-    sequence except the user's last two (the valid and test positions of a leave-one-out split).
+    sequence except the user's last two (the valid and test positions of a leave-one-out split). A user left
+    with fewer than ``min_kept`` interactions would not get both a valid and a test row from RecBole's split
+    (sequential datasets need 4: one training example, valid and test; general ones 3), so one of the kept new
+    items would become a training row: such a user loses all of its new-item rows instead.
     """
+    import pandas as pd
+
     items = np.unique(df[iid_field].to_numpy())
     rng = np.random.default_rng(int(seed))
     n_new = int(round(float(ratio) * len(items)))
@@ -103,12 +109,21 @@ def hold_out_new_items(df, uid_field: str, iid_field: str, time_field: str, rati
     # "the user's last two" are the rows RecBole's leave-one-out split will take as valid and test
     times = df[time_field].to_numpy().astype(np.float32)
     order = np.lexsort((np.arange(len(df)), times, users))
-    from_end = np.empty(len(df), dtype=np.int64)
     sorted_users = users[order]
-    # position counted from each user's end: 0 = test, 1 = valid
-    import pandas as pd
-
+    from_end = np.empty(len(df), dtype=np.int64)  # position counted from each user's end: 0 = test, 1 = valid
     from_end[order] = pd.Series(sorted_users).groupby(sorted_users).cumcount(ascending=False).to_numpy()
     is_new = np.isin(df[iid_field].to_numpy(), new)
     keep = ~is_new | (from_end < 2)
+    kept_per_user = pd.Series(keep).groupby(users).transform("sum").to_numpy()
+    keep &= ~(is_new & (kept_per_user < int(min_kept)))
     return keep, new
+
+
+def check_leave_one_out(config, what: str) -> None:
+    """``what`` (a protocol option) needs RecBole's leave-one-out split by time: a clear error otherwise."""
+    args = config["eval_args"] or {}
+    split, order = args.get("split") or {}, args.get("order")
+    if split.get("LS") != "valid_and_test" or order != "TO":
+        raise ValueError(
+            f"{what} needs the leave-one-out split by time: eval_args: {{split: {{LS: valid_and_test}}, order: TO}} "
+            f"(got split {split}, order {order}); RecBole's default for general models is a random 8:1:1 split")

@@ -82,6 +82,7 @@ class MMSequentialRecommender(SequentialRecommender):
         self.register_buffer("train_keys", torch.as_tensor(keys, dtype=torch.int64), persistent=False)
         # weights loaded from a checkpoint (directly or through a wrapper such as DDP) make the cache stale
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.invalidate_item_matrix())
+        self._feature_fingerprints: dict = {}  # path -> fingerprint of each frozen feature file read (frozen_features)
         self.items_encoded_train = 0
         self.items_encoded_eval = 0
         self._item_matrix = None
@@ -94,7 +95,11 @@ class MMSequentialRecommender(SequentialRecommender):
 
         spec = spec_from_config(config, modality)
         path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
-        return self.content.features(path)
+        features = self.content.features(path)
+        # this model's own record (the content object is shared by every model built on the dataset)
+        self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
+            os.path.abspath(path)])
+        return features
 
     def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors for ``ids`` (any shape) -> ``ids.shape + (D,)``; each unique id is encoded once."""
@@ -230,8 +235,7 @@ class MMSequentialRecommender(SequentialRecommender):
 
     def feature_fingerprints(self) -> dict:
         """``{"<encoder folder>/<file>": fingerprint}`` of the frozen feature files this model was built on."""
-        loaded = getattr(self.content, "loaded_feature_fingerprints", None) or {}
-        return {"/".join(os.path.normpath(p).split(os.sep)[-2:]): dict(fp) for p, fp in loaded.items()}
+        return {"/".join(os.path.normpath(p).split(os.sep)[-2:]): dict(fp) for p, fp in self._feature_fingerprints.items()}
 
     def other_parameter(self):
         """RecBole saves this in checkpoints: also the fingerprints of the features the model was trained on."""

@@ -82,6 +82,7 @@ class MMTrainer(Trainer):
         self.mask_history = config["MODEL_TYPE"] == ModelType.SEQUENTIAL and bool(cfg_get(config, "mask_history", True))
         self._history = None
         self._warned_no_history = False
+        self._warned_sampled = False
         for split in ("valid", "test"):
             for group in GROUPS:
                 setattr(self, f"{group}_{split}_result", None)
@@ -152,8 +153,15 @@ class MMTrainer(Trainer):
     def _history_of(self, eval_data):
         from recbole.data.dataloader import FullSortEvalDataLoader
 
-        if not self.mask_history or not isinstance(eval_data, FullSortEvalDataLoader):
-            return None  # sampled evaluation ranks sampled negatives: nothing to mask
+        if not self.mask_history:
+            return None
+        if not isinstance(eval_data, FullSortEvalDataLoader):
+            if not self._warned_sampled:
+                self._warned_sampled = True
+                logging.getLogger().warning(
+                    "mask_history applies to full ranking only: this sampled evaluation (eval_args.mode uni / pop) "
+                    "can draw items of the user's history as negatives, as RecBole does")
+            return None
         history = getattr(eval_data._dataset, "history_index", None)
         if history is None and not self._warned_no_history:
             self._warned_no_history = True

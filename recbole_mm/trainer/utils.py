@@ -26,4 +26,12 @@ def get_trainer(model_type, model_name) -> type:
         return MMTrainer
     if chosen is TraditionalTrainer:  # one-epoch models (Pop, ItemKNN, ...): the same superset
         return MMTraditionalTrainer
+    from recbole.utils import ModelType
+
+    if model_type == ModelType.SEQUENTIAL:  # e.g. S3Rec: a trainer of its own, which masks nothing
+        import logging
+
+        logging.getLogger().warning(
+            f"{name} uses RecBole's {chosen.__name__}: the recbole_mm protocol (history masking, cold / new item "
+            "metrics) does not apply to it; its figures are not comparable with the other models'")
     return chosen

@@ -42,8 +42,8 @@ class ContentKNN(MMSequentialRecommender):
     r"""Score(item) = similarity of its frozen features to the user's last ``knn_history`` items.
 
     ``knn_aggregate: mean``: the cosine similarity to the recency-weighted mean of the history vectors (weight
-    ``knn_decay ** age``, age 0 = the most recent item); ``max``: the largest cosine similarity to any of the
-    history items (a 1-nearest-neighbour scorer). Features are the frozen ones MoRec's two-stage mode uses
+    ``knn_decay ** age``, age 0 = the most recent item); ``max``: the largest ``knn_decay ** age`` x cosine
+    similarity over the history items (with ``knn_decay: 1``, a 1-nearest-neighbour scorer). Features are the frozen ones MoRec's two-stage mode uses
     (same keys: ``text_encoder``, ``image_encoder``, ...), extracted on first use.
 
     NOTE:
@@ -65,6 +65,9 @@ class ContentKNN(MMSequentialRecommender):
             raise ValueError(f"ContentKNN knn_aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if self.history < 1 or not 0.0 < self.decay <= 1.0:
             raise ValueError("ContentKNN needs knn_history >= 1 and 0 < knn_decay <= 1")
+        if self.history > self.max_seq_length:
+            raise ValueError(f"ContentKNN knn_history ({self.history}) is longer than the history the dataset keeps "
+                             f"(MAX_ITEM_LIST_LENGTH = {self.max_seq_length}): raise MAX_ITEM_LIST_LENGTH")
         self.expensive_item_tower = False
 
         # define layers
