@@ -114,3 +114,23 @@ def make_subset_dataset(src_dir: str, src_name: str, out_root: str, name: str, n
             if os.path.splitext(entry)[0] in kept_items:
                 shutil.copy(os.path.join(src_images, entry), os.path.join(out, "images", entry))
     return out
+
+
+def build_run(model, dataset: str, config_dict: dict):
+    """What ``run_recbole`` builds, without training: ``(config, dataset, train, valid, test, model, trainer)``."""
+    from recbole.data import data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_mm.config import Config
+    from recbole_mm.data.utils import create_dataset
+    from recbole_mm.registry import model_class_of
+    from recbole_mm.trainer.utils import get_trainer
+
+    config = Config(model=model, dataset=dataset, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    init_seed(config["seed"], config["reproducibility"])
+    net = model_class_of(config)(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], model_class_of(config))(config, net)
+    return config, data, train, valid, test, net, trainer

@@ -3,24 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from recbole.data import data_preparation
 from recbole.data.interaction import Interaction
-from recbole.utils import init_seed
 
 import recbole_mm
-from recbole_mm.config import Config
-from recbole_mm.data.utils import create_dataset
+from recbole_mm.testing import build_run
 
 KNN = {"MAX_ITEM_LIST_LENGTH": 10, "text_max_length": 16, "metrics": ["Hit", "NDCG"], "topk": [10],
        "valid_metric": "Hit@10"}
 
 
 def _build(cfg):
-    config = Config(model="ContentKNN", dataset="mm-tiny", config_dict=cfg)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    return config, dataset, test, recbole_mm.get_model("ContentKNN")(config, train._dataset)
+    config, dataset, train, valid, test, model, trainer = build_run("ContentKNN", "mm-tiny", cfg)
+    return config, dataset, test, model
 
 
 def _own_scores(raw, seq, length, k, decay, aggregate):

@@ -7,13 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from recbole.data import data_preparation
-from recbole.utils import init_seed
 
 import recbole_mm
 from recbole_mm.config import Config
-from recbole_mm.data.utils import create_dataset
 from recbole_mm.model.abstract import FeatureMismatchError
+from recbole_mm.testing import build_run
 
 TINY = {"embedding_size": 16, "n_layers": 1, "n_heads": 1, "dnn_layers": 1, "MAX_ITEM_LIST_LENGTH": 10,
         "text_max_length": 16, "text_pooling": "mean", "train_batch_size": 64, "learning_rate": 0.005,
@@ -26,12 +24,8 @@ def cfg(tiny_config, tiny_bert):
 
 
 def _build(cfg, **over):
-    config = Config(model="MoRec", dataset="mm-tiny", config_dict=dict(cfg, **over))
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    return config, train, test, recbole_mm.get_model("MoRec")(config, train._dataset)
+    config, dataset, train, valid, test, model, trainer = build_run("MoRec", "mm-tiny", dict(cfg, **over))
+    return config, train, test, model
 
 
 def test_cosine_scores_are_cosines_over_the_temperature(cfg):

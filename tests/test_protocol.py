@@ -11,13 +11,12 @@ import pandas as pd
 import pytest
 import torch
 from recbole.data import data_preparation
-from recbole.utils import init_seed
 
 import recbole_mm
 from recbole_mm.config import Config
 from recbole_mm.data.protocol import HistoryIndex, cold_threshold, item_groups
 from recbole_mm.data.utils import create_dataset
-from recbole_mm.trainer.utils import get_trainer
+from recbole_mm.testing import build_run
 
 SMALL = {"embedding_size": 16, "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "dnn_layers": 1,
          "MAX_ITEM_LIST_LENGTH": 10, "text_max_length": 16, "text_pooling": "mean", "train_batch_size": 128,
@@ -25,14 +24,7 @@ SMALL = {"embedding_size": 16, "hidden_size": 16, "inner_size": 32, "n_layers": 
 
 
 def _build(model, cfg):
-    config = Config(model=model, dataset="mm-tiny", config_dict=cfg)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    net = recbole_mm.get_model(model)(config, train._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
-    return config, dataset, train, valid, test, net, trainer
+    return build_run(model, "mm-tiny", cfg)
 
 
 def _raw_items_by_user(root):
@@ -139,7 +131,7 @@ def test_cold_and_new_groups_partition_the_overall_metrics(tiny_config, tiny_roo
 def test_new_item_protocol(tiny_config, tiny_root):
     cfg = dict(tiny_config, **SMALL, new_item_ratio=0.3)
     config, dataset, train, valid, test, net, trainer = _build("SASRec", cfg)
-    iid, uid = dataset.iid_field, dataset.uid_field
+    iid = dataset.iid_field
     tok_i = dataset.field2id_token[iid]
     new_tokens = set(dataset.new_item_tokens)
     raw_items = {t for items in _raw_items_by_user(tiny_root).values() for t in items}
