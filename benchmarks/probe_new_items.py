@@ -23,22 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def probe(model: str, cfg: dict) -> dict:
     import numpy as np
     import torch
-    from recbole.data import data_preparation
-    from recbole.utils import init_seed
 
-    import recbole_mm
-    from recbole_mm.config import Config
-    from recbole_mm.data.utils import create_dataset
-    from recbole_mm.registry import model_class_of
-    from recbole_mm.trainer.utils import get_trainer
+    from recbole_mm.testing import build_run
 
-    config = Config(model=model, dataset="ml-100k-mm", config_dict=cfg)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    net = model_class_of(config)(config, train._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], model_class_of(config))(config, net)
+    config, dataset, train, valid, test, net, trainer = build_run(model, "ml-100k-mm", cfg)
     trainer.fit(train, valid, saved=False)
     train_counts = getattr(train._dataset, "train_item_counts", None)
     if train_counts is None:  # general models: count the training split
