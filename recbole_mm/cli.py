@@ -63,7 +63,12 @@ def result_rows(result: dict) -> dict:
     targets each averages in the ``rows`` column)."""
     cold_t = result.get("cold_threshold_used")
     cold = f"cold items (1-{cold_t} train interactions)" if cold_t is not None else "cold items"
-    out = {"valid": result.get("best_valid_result"), "test": result.get("test_result")}
+    out = {}
+    for split, key in (("valid", "best_valid_result"), ("test", "test_result")):
+        overall = result.get(key)
+        if overall is not None:
+            rows = result.get(f"{split}_rows")
+            out[split] = dict(overall, rows=rows) if rows is not None else overall
     for split in ("valid", "test"):
         for key, label in (("cold", cold), ("new", "new items (no train interaction)")):
             group = result.get(f"{key}_{split}_result")
@@ -189,7 +194,7 @@ def cmd_tune(args) -> int:
     output = args.output or f"tune-{args.model}-{args.dataset}.md"
     lines = [f"# Tuning {args.model} on {args.dataset}", "", f"algo: {args.algo}; trials: {len(tuner.params2result)}", ""]
     for params, res in tuner.params2result.items():
-        lines += [f"## {params}", "", results_table({"valid": res["best_valid_result"], "test": res["test_result"]}), ""]
+        lines += [f"## {params}", "", results_table(result_rows(res)), ""]
     lines += [f"best: {tuner.params2str(tuner.best_params)} (valid score {tuner.best_score:.4f})", ""]
     with open(output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -32,6 +32,10 @@ Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that 
   that fix lives in :class:`recbole_mm.config.Config` (``train_neg_sample_args`` defaults to ``None`` there).
 - pandas 3 and setuptools >= 81 break RecBole too; they are pinned in setup.py (``pandas<3``,
   ``setuptools<81``) rather than shimmed.
+- RecBole's ``Pop`` counts an item once per training batch however often it occurs there (indexed assignment
+  does not accumulate), so its popularity depends on the batch size: :func:`fix_pop_counts` counts every
+  occurrence. Traditional models (Pop, ItemKNN, EASE, ...) also get ``train_neg_sample_args: None`` by default
+  (:class:`recbole_mm.config.Config`): Pop would count sampled negatives as interactions.
 """
 
 from __future__ import annotations
@@ -158,3 +162,23 @@ def apply() -> None:
 
 
 apply()
+
+
+def fix_pop_counts(module) -> None:
+    """RecBole's Pop counts ``item_cnt[item] = item_cnt[item] + 1`` over a batch: an item that occurs k times in
+    one batch is counted once (indexed assignment does not accumulate), so popularity depends on the batch size.
+    Count every occurrence (``index_add_``); the rest of Pop is unchanged."""
+    import torch
+
+    pop = module.Pop
+    if getattr(pop.calculate_loss, "_recbole_mm_fixed", False):
+        return
+
+    def calculate_loss(self, interaction):
+        item = interaction[self.ITEM_ID]
+        self.item_cnt.index_add_(0, item, torch.ones(len(item), 1, dtype=self.item_cnt.dtype, device=item.device))
+        self.max_cnt = torch.max(self.item_cnt, dim=0)[0]
+        return torch.nn.Parameter(torch.zeros(1)).to(self.device)
+
+    calculate_loss._recbole_mm_fixed = True
+    pop.calculate_loss = calculate_loss

@@ -229,7 +229,23 @@ class Config(RecBoleConfig):
             and "train_neg_sample_args" not in self.external_config_dict
         ):
             cfg["train_neg_sample_args"] = None
+        if cfg.get("MODEL_TYPE") == ModelType.TRADITIONAL and "train_neg_sample_args" not in self.external_config_dict:
+            # nothing is learned by gradient; RecBole's Pop even counts every row of its batches, so sampled
+            # negatives would become popularity (and "new" items would get counts)
+            cfg["train_neg_sample_args"] = None
         super()._set_default_parameters()
+        _check_protocol_keys(cfg)
         if self.dataset != "ml-100k":
             base = self.external_config_dict.get("data_path", self.internal_config_dict.get("data_path", "dataset/"))
             cfg["data_path"] = dataset_dir(base, self.dataset)
+
+
+def _check_protocol_keys(cfg) -> None:
+    """Clear errors for the evaluation-protocol keys (recbole_mm/data/protocol.py)."""
+    threshold, quantile = cfg.get("cold_item_threshold"), cfg.get("cold_item_quantile")
+    if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1):
+        raise ValueError(f"cold_item_threshold must be an integer >= 1 (cold items have 1..t training interactions), "
+                         f"or ~ to use cold_item_quantile; got {threshold!r}")
+    if quantile is not None and not (isinstance(quantile, (int, float)) and 0 < quantile < 1):
+        raise ValueError(f"cold_item_quantile must be in (0, 1) (the share of training interactions in the long "
+                         f"tail), or ~ to disable cold metrics; got {quantile!r}")

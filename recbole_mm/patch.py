@@ -16,6 +16,7 @@ module                                    hook
 ``recbole.config.configurator``           the same for the name RecBole's Config bound
 RecBole's checkpoint load sites           ``torch.load`` defaults to ``weights_only=False`` there (compat)
 ``...sequential_recommender.sine``        switch off the anomaly detection ``sine.py`` turns on
+``...general_recommender.pop``            Pop counts an item once per batch however often it occurs: count all
 ``recbole.quick_start``                   :func:`install` (everything below)
 ========================================  ==================================================================
 
@@ -117,6 +118,7 @@ def watch() -> None:
     for name in compat.RECBOLE_LOAD_SITES:
         when_imported(name, compat.trust_checkpoint_loads_in)
     when_imported("recbole.model.sequential_recommender.sine", compat.undo_recbole_anomaly_mode)
+    when_imported("recbole.model.general_recommender.pop", compat.fix_pop_counts)
     when_imported("recbole.quick_start", lambda m: install())
 
 

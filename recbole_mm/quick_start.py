@@ -65,6 +65,16 @@ def _log_file(logger) -> str | None:
     return None
 
 
+EXTRA_RESULT_KEYS = ("cold_valid_result", "cold_test_result", "new_valid_result", "new_test_result",
+                     "cold_threshold_used", "valid_rows", "test_rows", "train_loss_history", "valid_score_history", "valid_epoch_history",
+                     "epoch_seconds", "eval_seconds")
+
+
+def trainer_extras(trainer) -> dict:
+    """What MMTrainer adds to RecBole's result dict: cold / new item results, histories and timings."""
+    return {key: getattr(trainer, key) for key in EXTRA_RESULT_KEYS if getattr(trainer, key, None) is not None}
+
+
 def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     r"""Train and test a model on a dataset (RecBole's ``run_recbole``; ``model`` may be a name or a class).
 
@@ -101,12 +111,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "checkpoint_file": _abs(trainer.saved_model_file) if saved else None,
         "tensorboard_dir": _abs(getattr(getattr(trainer, "tensorboard", None), "log_dir", None)),
     }
-    for key in ("cold_valid_result", "cold_test_result", "new_valid_result", "new_test_result",
-                "cold_threshold_used", "train_loss_history", "valid_score_history",
-                "valid_epoch_history", "epoch_seconds", "eval_seconds"):
-        value = getattr(trainer, key, None)
-        if value is not None:
-            result[key] = value
+    result.update(trainer_extras(trainer))
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
@@ -149,6 +154,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        **trainer_extras(trainer),
     }
 
 

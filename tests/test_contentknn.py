@@ -63,6 +63,7 @@ def test_runs_by_name_without_training(tiny_config, tiny_bert):
 
 
 def test_bad_keys_are_clear_errors(tiny_config, tiny_bert):
-    for key, value in (("knn_aggregate", "median"), ("knn_modality", "audio"), ("knn_decay", 0.0)):
+    for key, value in (("knn_aggregate", "median"), ("knn_modality", "audio"), ("knn_decay", 0.0),
+                       ("knn_history", 50), ("similarity", "cosine")):
         with pytest.raises(ValueError, match=key):
             _build(dict(tiny_config, **KNN, text_encoder=tiny_bert, **{key: value}))

@@ -122,7 +122,7 @@ def test_cold_and_new_groups_partition_the_overall_metrics(tiny_config, tiny_roo
     counts = train._dataset.train_item_counts
     targets = test._dataset.inter_feat[dataset.iid_field].numpy()
     assert cold["rows"] == int((counts[targets] > 0).sum()) and new["rows"] == int((counts[targets] == 0).sum())
-    assert cold["rows"] + new["rows"] == len(targets)
+    assert cold["rows"] + new["rows"] == len(targets) == trainer.test_rows
     for key in overall:
         parts = [(g["rows"], g[key]) for g in (cold, new) if g["rows"]]
         assert overall[key] == pytest.approx(sum(r * v for r, v in parts) / len(targets), abs=1e-4)
@@ -155,10 +155,13 @@ def test_new_item_protocol(tiny_config, tiny_root):
 
 
 def test_empty_group_reports_rows_zero_and_no_metric(tiny_config):
-    cfg = dict(tiny_config, **SMALL, cold_item_threshold=0)
+    cfg = dict(tiny_config, **SMALL)
     config, dataset, train, valid, test, net, trainer = _build("SASRec", cfg)
+    trainer._set_item_groups(train._dataset, is_train_split=True)
+    trainer.eval_collector.groups["cold"][:] = False  # a group no target falls in
     trainer.evaluate(test, load_best_model=False)
-    assert trainer.cold_test_result == {"rows": 0, "max_train_count": 0, "hit@10": None, "ndcg@10": None}
+    assert trainer.cold_test_result["rows"] == 0
+    assert trainer.cold_test_result["hit@10"] is None and trainer.cold_test_result["ndcg@10"] is None
 
 
 def test_one_epoch_stock_models_get_the_protocol_metrics(tiny_config):
@@ -167,6 +170,25 @@ def test_one_epoch_stock_models_get_the_protocol_metrics(tiny_config):
     result = recbole_mm.run_recbole(model="Pop", dataset="mm-tiny", config_dict=cfg)
     assert result["cold_test_result"]["rows"] + result["new_test_result"]["rows"] > 0
     assert len(result["epoch_seconds"]) == 1
+    assert result["test_rows"] == 60  # one row per user of mm-tiny
+
+
+def test_pop_counts_training_interactions_only(tiny_config):
+    """RecBole's Pop counts every row of its batches: with sampled negatives those would become popularity."""
+    from recbole_mm.testing import build_run
+
+    config, dataset, train, valid, test, net, trainer = build_run("Pop", "mm-tiny", dict(tiny_config, **SMALL))
+    assert config["train_neg_sample_args"]["distribution"] == "none"
+    trainer.fit(train, valid, saved=False)
+    counts = np.bincount(train._dataset.inter_feat[dataset.iid_field].numpy(), minlength=dataset.item_num)
+    assert net.item_cnt.squeeze(-1).long().tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize("key,value", [("cold_item_threshold", 0), ("cold_item_threshold", -1),
+                                       ("cold_item_quantile", 2), ("cold_item_quantile", 0)])
+def test_bad_group_keys_are_clear_errors(tiny_config, key, value):
+    with pytest.raises(ValueError, match=key):
+        Config(model="SASRec", dataset="mm-tiny", config_dict=dict(tiny_config, **{key: value}))
 
 
 def test_results_table_shows_groups_with_rows_and_dash_for_none():

@@ -43,9 +43,11 @@ class GroupCollector(Collector):
         super().__init__(config)
         self.groups: dict = {}
         self.group_structs: dict = {}
+        self.rows = 0  # rows (users or sequences) ranked since the last take_group_structs
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        self.rows += int(scores_tensor.shape[0])
         if not self.groups or not self.register.need("rec.topk"):
             return
         _, topk_idx = torch.topk(scores_tensor, max(self.topk), dim=-1)
@@ -60,6 +62,7 @@ class GroupCollector(Collector):
 
     def take_group_structs(self) -> dict:
         structs, self.group_structs = self.group_structs, {}
+        self.last_rows, self.rows = self.rows, 0
         for struct in structs.values():
             for key in list(struct._data_dict):
                 struct._data_dict[key] = struct._data_dict[key].cpu()
@@ -86,6 +89,8 @@ class MMTrainer(Trainer):
         for split in ("valid", "test"):
             for group in GROUPS:
                 setattr(self, f"{group}_{split}_result", None)
+        self.valid_rows = None  # rows ranked by the best epoch's validation / by the last test
+        self.test_rows = None
         self.epoch_seconds: list = []
         self.eval_seconds: list = []
         self.train_loss_history: list = []
@@ -93,6 +98,7 @@ class MMTrainer(Trainer):
         self.valid_epoch_history: list = []
         self._valid_pairs: list = []
         self._last_groups: dict = {}
+        self._last_rows = None
         self._in_fit = False
 
     def _build_optimizer(self, **kwargs):
@@ -113,6 +119,7 @@ class MMTrainer(Trainer):
         best = next((g for v, g in self._valid_pairs if v is self.best_valid_result), {})
         for group in GROUPS:
             setattr(self, f"{group}_valid_result", best.get(group))
+        self.valid_rows = best.get("rows")
         return result
 
     def _set_item_groups(self, dataset, is_train_split: bool = False) -> None:
@@ -139,7 +146,7 @@ class MMTrainer(Trainer):
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.valid_score_history.append(float(score))
         self.valid_epoch_history.append(len(self.train_loss_history) - 1)
-        self._valid_pairs.append((result, self._last_groups))
+        self._valid_pairs.append((result, dict(self._last_groups, rows=self._last_rows)))
         return score, result
 
     # ------------------------------------------------------------- evaluate
@@ -186,9 +193,11 @@ class MMTrainer(Trainer):
             self._history = None
         self.eval_seconds.append(time.perf_counter() - start)
         self._last_groups = self._group_results()
+        self._last_rows = self.eval_collector.last_rows
         if not self._in_fit:
             for group in GROUPS:
                 setattr(self, f"{group}_test_result", self._last_groups.get(group))
+            self.test_rows = self._last_rows
         return result
 
     def _group_results(self) -> dict:

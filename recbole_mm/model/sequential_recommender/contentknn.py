@@ -68,6 +68,9 @@ class ContentKNN(MMSequentialRecommender):
         if self.history > self.max_seq_length:
             raise ValueError(f"ContentKNN knn_history ({self.history}) is longer than the history the dataset keeps "
                              f"(MAX_ITEM_LIST_LENGTH = {self.max_seq_length}): raise MAX_ITEM_LIST_LENGTH")
+        if self.similarity != "dot":
+            raise ValueError("ContentKNN always scores by cosine similarity: the similarity / temperature keys of the "
+                             "trained models do not apply (leave them unset)")
         self.expensive_item_tower = False
 
         # define layers
