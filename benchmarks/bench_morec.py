@@ -72,22 +72,9 @@ def worker(model: str, cfg: dict, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import recbole_mm
-    from recbole.data import data_preparation
-    from recbole.utils import init_logger, init_seed
+    from recbole_mm.testing import build_run
 
-    from recbole_mm.config import Config
-    from recbole_mm.data.utils import create_dataset
-    from recbole_mm.registry import model_class_of
-    from recbole_mm.trainer.utils import get_trainer
-
-    config = Config(model=model, dataset="ml-100k-mm", config_dict=cfg)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    net = model_class_of(config)(config, train._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], model_class_of(config))(config, net)
+    config, dataset, train, valid, test, net, trainer = build_run(model, "ml-100k-mm", cfg, log=True)
     trainer.fit(train, valid, saved=True, show_progress=False)
     before = getattr(net, "items_encoded_eval", None)
     test_result = trainer.evaluate(test, load_best_model=True)

@@ -51,21 +51,9 @@ def worker(model: str, cfg: dict, threads: str, epochs: int, out: str) -> None:
     if threads != "default":
         torch.set_num_threads(int(threads))
     used = torch.get_num_threads()
-    from recbole.data import data_preparation
-    from recbole.utils import init_logger, init_seed
+    from recbole_mm.testing import build_run
 
-    from recbole_mm.config import Config
-    from recbole_mm.data.utils import create_dataset
-    from recbole_mm.registry import model_class_of
-    from recbole_mm.trainer.utils import get_trainer
-
-    config = Config(model=model, dataset="ml-100k-mm", config_dict=cfg)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    dataset = create_dataset(config)
-    train, valid, _ = data_preparation(config, dataset)
-    net = model_class_of(config)(config, train._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], model_class_of(config))(config, net)
+    config, dataset, train, valid, test, net, trainer = build_run(model, "ml-100k-mm", cfg, log=True)
     train_s, eval_s = [], []
     for epoch in range(epochs + 1):
         start = time.perf_counter()

@@ -116,10 +116,11 @@ def make_subset_dataset(src_dir: str, src_name: str, out_root: str, name: str, n
     return out
 
 
-def build_run(model, dataset: str, config_dict: dict):
-    """What ``run_recbole`` builds, without training: ``(config, dataset, train, valid, test, model, trainer)``."""
+def build_run(model, dataset: str, config_dict: dict, log: bool = False):
+    """What ``run_recbole`` builds, without training: ``(config, dataset, train, valid, test, model, trainer)``
+    (``log``: also RecBole's logger, as ``run_recbole`` sets it up)."""
     from recbole.data import data_preparation
-    from recbole.utils import init_seed
+    from recbole.utils import init_logger, init_seed
 
     from recbole_mm.config import Config
     from recbole_mm.data.utils import create_dataset
@@ -128,6 +129,8 @@ def build_run(model, dataset: str, config_dict: dict):
 
     config = Config(model=model, dataset=dataset, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
+    if log:
+        init_logger(config)
     data = create_dataset(config)
     train, valid, test = data_preparation(config, data)
     init_seed(config["seed"], config["reproducibility"])

@@ -242,3 +242,21 @@ def test_new_item_hold_out_with_short_users_never_trains_a_new_item(model, tmp_p
 def test_new_item_ratio_needs_leave_one_out(tiny_config):
     with pytest.raises(ValueError, match="leave-one-out"):
         create_dataset(Config(model="Pop", dataset="mm-tiny", config_dict=dict(tiny_config, new_item_ratio=0.2)))
+
+
+def test_group_metrics_equal_recbole_when_the_group_holds_every_item(tiny_config):
+    """Several positives per row (a general model, RecBole's random split): a group of every item reproduces
+    RecBole's own metrics, so the group rows are built as RecBole builds its own."""
+    from recbole_mm.testing import build_run
+
+    metrics = ["Hit", "NDCG", "MRR", "Recall", "Precision"]
+    cfg = dict(tiny_config, metrics=metrics, topk=[5, 10], valid_metric="Recall@10", cold_item_threshold=1)
+    config, dataset, train, valid, test, net, trainer = build_run("Pop", "mm-tiny", cfg)
+    trainer.fit(train, valid, saved=False)
+    assert max(len(v) for v in test.uid2positive_item if v is not None) > 1  # several positives per user
+    trainer.eval_collector.groups = {"cold": torch.ones(dataset.item_num, dtype=torch.bool)}
+    overall = trainer.evaluate(test, load_best_model=False)
+    group = dict(trainer.cold_test_result)
+    assert group.pop("rows") == trainer.test_rows
+    group.pop("max_train_count")
+    assert group == pytest.approx(dict(overall), abs=1e-4)

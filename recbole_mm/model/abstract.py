@@ -35,12 +35,11 @@ from recbole_mm.utils import cfg_get
 
 SEQ_MODES = ("all_position", "prefix")
 SIMILARITIES = ("dot", "cosine")
+LOSSES = ("inbatch", "bce", "ce")
 
 
 class FeatureMismatchError(ValueError):
     """A checkpoint loaded onto frozen features other than those it was trained on."""
-
-LOSSES = ("inbatch", "bce", "ce")
 
 
 class MMSequentialRecommender(SequentialRecommender):

@@ -51,13 +51,16 @@ class GroupCollector(Collector):
         if not self.groups or not self.register.need("rec.topk"):
             return
         _, topk_idx = torch.topk(scores_tensor, max(self.topk), dim=-1)
+        n_rows = scores_tensor.shape[0]
         for name, members in self.groups.items():
+            # RecBole's "rec.topk" rows ([hit at each of the top k, number of positives]) for the rows with a
+            # positive in the group, from the positives alone (no [rows, n_items] matrix per group)
             chosen = members.to(positive_i.device)[positive_i]
-            pos = torch.zeros_like(scores_tensor, dtype=torch.int)
-            pos[positive_u[chosen], positive_i[chosen]] = 1
-            pos_len = pos.sum(dim=1, keepdim=True)
-            rows = pos_len.squeeze(1) > 0
-            result = torch.cat((torch.gather(pos, 1, topk_idx), pos_len), dim=1)[rows]
+            users, items = positive_u[chosen], positive_i[chosen]
+            hits = torch.zeros_like(topk_idx, dtype=torch.int)
+            hits.index_add_(0, users, (topk_idx[users] == items.unsqueeze(1)).int())
+            pos_len = torch.bincount(users, minlength=n_rows).to(torch.int).unsqueeze(1)
+            result = torch.cat((hits, pos_len), dim=1)[pos_len.squeeze(1) > 0]
             self.group_structs.setdefault(name, DataStruct()).update_tensor("rec.topk", result)
 
     def take_group_structs(self) -> dict:
