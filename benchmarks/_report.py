@@ -48,3 +48,21 @@ def write_section(title: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(DOC, "w", encoding="utf-8") as f:
         f.write(text.rstrip("\n") + "\n")
+
+
+def run_worker(script: str, args: list, out: str, label: str, cwd: str) -> dict:
+    """Run ``python script --worker *args out`` in a fresh process; its JSON result plus ``wall`` seconds."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    start = time.time()
+    proc = subprocess.run([sys.executable, script, "--worker", *args, out], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+    with open(out, encoding="utf-8") as f:
+        res = json.load(f)
+    res["wall"] = time.time() - start
+    return res
+

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,15 +100,9 @@ def worker(model: str, cfg: dict, out: str) -> None:
 
 
 def _one(label: str, model: str, cfg: dict, tmp: str, tag: str) -> dict:
-    out = os.path.join(tmp, f"{tag}.json")
-    start = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--worker", model, json.dumps(cfg), out],
-                          cwd=tmp, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
-    res = json.load(open(out))
-    res["wall"] = time.time() - start
-    return res
+    from _report import run_worker
+
+    return run_worker(__file__, [model, json.dumps(cfg)], os.path.join(tmp, f"{tag}.json"), label, tmp)
 
 
 def _mean(results: list, part: str) -> dict:

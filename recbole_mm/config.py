@@ -164,10 +164,36 @@ def plugin_yaml_files(model_class: type, dataset: str) -> list[str]:
     return out
 
 
-def dataset_dir(data_path: str, dataset: str) -> str:
-    """Folder of a dataset: ``<data_path>/<dataset>``, or the build cache for embedded datasets not found there."""
+def merged_dataset_dir(dataset: str) -> str:
+    """Where the merge of ``source_datasets`` named ``dataset`` is built: ``<cache root>/merged/<dataset>``."""
+    from recbole_mm.paths import cache_root
+
+    return os.path.join(cache_root(), "merged", dataset)
+
+
+def build_source_merge(data_path: str, dataset: str, sources) -> str:
+    """Merge the dataset folders ``sources`` of ``data_path`` into one named ``dataset`` (built once, reused while
+    the sources are unchanged); returns its folder."""
+    from recbole_mm.data.merge import merge_datasets
+
+    if isinstance(sources, str):
+        sources = [sources]
+    if not isinstance(sources, (list, tuple)) or not sources or not all(isinstance(x, str) for x in sources):
+        raise ValueError(f"source_datasets must be a list of dataset names (folders of data_path), got {sources!r}")
+    if dataset in sources:
+        raise ValueError(f"dataset {dataset!r} names the merge of source_datasets {list(sources)}: give it a name of "
+                         f"its own (e.g. dataset: {'+'.join(sources)})")
+    pairs = [(os.path.dirname(dataset_dir(data_path, name)), name) for name in sources]
+    return merge_datasets(pairs, os.path.dirname(merged_dataset_dir(dataset)), dataset)
+
+
+def dataset_dir(data_path: str, dataset: str, sources=None) -> str:
+    """Folder of a dataset: ``<data_path>/<dataset>``, the build cache for embedded datasets not found there, or the
+    merge of ``sources`` (``source_datasets``)."""
     from recbole_mm.data.embedded import EMBEDDED_DATASETS, embedded_dataset_dir
 
+    if sources:
+        return merged_dataset_dir(dataset)
     candidate = os.path.join(data_path, dataset)
     if dataset in EMBEDDED_DATASETS and not os.path.isdir(candidate):
         return embedded_dataset_dir(dataset)
@@ -215,7 +241,10 @@ class Config(RecBoleConfig):
         for file in plugin_yaml_files(model_class, dataset):
             self._update_internal_config_dict(file)
         data_path = self.external_config_dict.get("data_path", self.internal_config_dict.get("data_path", "dataset/"))
-        folder_yaml = os.path.join(dataset_dir(data_path, dataset), f"{dataset}.yaml")
+        sources = self.external_config_dict.get("source_datasets")
+        if sources:  # several dataset folders as one: built here, so that its yaml is layered below
+            build_source_merge(data_path, dataset, sources)
+        folder_yaml = os.path.join(dataset_dir(data_path, dataset, sources), f"{dataset}.yaml")
         if os.path.isfile(folder_yaml):
             warn_unknown_keys(sorted(yaml_keys(folder_yaml)), f"dataset yaml {folder_yaml}", model_class)
             self._update_internal_config_dict(folder_yaml)
@@ -237,7 +266,7 @@ class Config(RecBoleConfig):
         _check_protocol_keys(cfg)
         if self.dataset != "ml-100k":
             base = self.external_config_dict.get("data_path", self.internal_config_dict.get("data_path", "dataset/"))
-            cfg["data_path"] = dataset_dir(base, self.dataset)
+            cfg["data_path"] = dataset_dir(base, self.dataset, cfg.get("source_datasets"))
 
 
 def _check_protocol_keys(cfg) -> None:

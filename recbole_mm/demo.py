@@ -28,7 +28,7 @@ import time
 DEMO_CONFIG = {
     "modality": "text+image",
     "mode": "two_stage",
-    "fusion": "sum",
+    "fusion": "add",
     "text_pooling": "mean",  # all-MiniLM-L6-v2 is trained for mean pooling
     "text_max_length": 32,
     "text_lowercase": False,

@@ -262,3 +262,30 @@ class ItemContent:
         ids = np.nonzero(valid)[0][order]
         out[ids] = array[rows[valid][order]]
         return torch.from_numpy(out)
+
+    def feature_lookup(self, npy_path: str) -> "FeatureLookup":
+        """Like :meth:`features` but reading rows on demand from the memory map (token features ``[n, T, d]``
+        are too large to hold in memory for big catalogues): ``lookup(ids) -> float32 tensor``."""
+        array, rows, _ = self.feature_rows(npy_path)
+        return FeatureLookup(array, rows)
+
+
+class FeatureLookup:
+    """Rows of a memory-mapped feature file by internal item id (row of padding = zeros), as float32 tensors."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array = array
+        self.rows = rows
+        self.shape = (len(rows),) + tuple(array.shape[1:])
+
+    def __call__(self, item_ids: torch.Tensor) -> torch.Tensor:
+        ids = item_ids.reshape(-1).cpu().numpy()
+        rows = self.rows[ids]
+        out = np.zeros((len(ids),) + self.shape[1:], dtype=np.float32)
+        real = rows >= 0
+        if real.any():
+            order = np.argsort(rows[real], kind="stable")  # read the memory map in file order
+            picked = np.nonzero(real)[0][order]
+            out[picked] = self.array[rows[real][order]]
+        return torch.from_numpy(out).view(*item_ids.shape, *self.shape[1:])
+

@@ -48,6 +48,19 @@ def _load_backbone(path: str):
         return AutoModel.from_pretrained(path, local_files_only=True)
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of a text encoder, right-padded, with a pad token (decoder LLMs have none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_hf_path(name), local_files_only=True)
+    if tokenizer.pad_token is None:  # decoder LLM tokenizers
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # Right padding everywhere: batches are trimmed to their longest text and "last" pooling indexes the
+    # last real token (LLM tokenizers often default to left padding).
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 class TextEncoder(nn.Module):
     """A transformers text model with pooling / layer taps / token outputs (module docstring).
 
@@ -68,8 +81,6 @@ class TextEncoder(nn.Module):
         normalize: bool = False,
     ):
         super().__init__()
-        from transformers import AutoTokenizer
-
         if pooling not in TEXT_POOLINGS:
             raise ValueError(f"unknown text pooling {pooling!r}; choose from {TEXT_POOLINGS}")
         if output not in ("pooled", "taps", "tokens"):
@@ -77,12 +88,7 @@ class TextEncoder(nn.Module):
         self.name = name
         self.path = resolve_hf_path(name)
         self.model = _load_backbone(self.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        if self.tokenizer.pad_token is None:  # decoder LLM tokenizers
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        # Right padding everywhere: batches are trimmed to their longest text and "last" pooling indexes the
-        # last real token (LLM tokenizers often default to left padding).
-        self.tokenizer.padding_side = "right"
+        self.tokenizer = load_tokenizer(name)
         self.pooling = pooling
         self.output = output
         self.normalize = normalize

@@ -1,7 +1,9 @@
-"""User (sequence) encoders over item vectors: the seed papers' SASRec block, or RecBole's TransformerEncoder.
+"""User (sequence) encoders over item vectors: the seed papers' SASRec block, RecBole's TransformerEncoder, GRU4Rec
+and NextItNet.
 
-Both take right-padded item vectors ``[B, L, D]`` (RecBole's layout) with the sequence lengths and return the
-hidden state at every position ``[B, L, D]``; position ``t`` only attends to positions ``<= t``.
+All take right-padded item vectors ``[B, L, D]`` (RecBole's layout: real items first, the caller has zeroed the
+padded positions) with the sequence lengths and return the hidden state at every position ``[B, L, D]``; the state
+at position ``t`` only depends on positions ``<= t``, so the states of real positions never see padding.
 
 ``paper`` (MoRec / PMMRec / IISAN / ODMT ``User_Encoder``, specs/models.md §1.1):
 
@@ -15,6 +17,32 @@ hidden state at every position ``[B, L, D]``; position ``t`` only attends to pos
 ``recbole``: RecBole's ``TransformerEncoder`` with RecBole SASRec's position embedding (aligned to the first
 item), LayerNorm, dropout and N(0, initializer_range) init, so that an ID baseline and a modality model can share
 exactly one block.
+
+``gru4rec`` (PMMRec ``User_Encoder_GRU4Rec`` in ``src/model/user_encoders.py``, the same body as MMSR's
+``GRU4Rec`` in ``model/user_encoders.py``; Hidasi et al. ICLR 2016, Tan et al. DLRS 2016): input dropout
+(``dropout_prob``), then ``nn.GRU`` with ``n_layers`` layers (the originals' ``block_num``, default 2), hidden size
+D, no biases, no dropout between layers, no output projection (RecBole's GRU4Rec adds a ``dense`` Linear because its
+hidden size may differ from the embedding size; PMMRec's has none). Init as both originals and RecBole: Xavier-uniform
+on the first layer's ``weight_ih`` / ``weight_hh`` only, PyTorch's default ``U(-1/sqrt(D), 1/sqrt(D))`` on deeper
+layers (not Xavier-normal). NOTE: the originals run the GRU over left-padded windows; a bias-free GRU keeps ``h = 0``
+over zero vectors, so where the padding vectors are zero (this caller, the originals' ID tower) this right-padded run
+gives the originals' states at the real positions.
+
+``nextitnet`` (PMMRec ``User_Encoder_NextItNet`` / MMSR ``NextItNet``, same files; Yuan et al. WSDM 2019): residual
+blocks of type "b", one per entry of ``dilations * n_layers`` (the originals: ``[1, 4] * block_num``, i.e.
+2 * ``block_num`` blocks; RecBole's NextItNet the same with its ``dilations`` key). A block with dilation ``d``:
+causal conv (kernel ``kernel_size``, default 3, dilation ``d``, zero left padding ``(k - 1) d``) -> LayerNorm (eps
+1e-8) -> ReLU -> causal conv (dilation ``2 d``) -> LayerNorm -> ReLU, plus the block input; convolutions D -> D with
+bias; no dropout, no output projection (PMMRec's forward returns the block outputs; RecBole's NextItNet adds a
+``final_layer``). Init: PyTorch's defaults, as the originals (their ``_init_weights`` only touch Linear / Embedding,
+which the blocks do not have). NOTE: the originals left-pad the window, so there the padding slots before the first
+item carry non-zero activations after the first convolution (its bias) and every state depends on how much padding
+precedes the items (the receptive field, 60 positions for ``block_num = 2`` and kernel 3, covers the whole window);
+here the sequence starts at position 0 and every convolution sees zeros before it, so a state depends on the items
+only, not on ``L - length``.
+
+PMMRec's ``item_encoder`` transfer mode re-initialises the user encoder with Xavier-normal on Linear / Embedding
+modules only, which leaves the GRU and the convolutions of these two encoders as they were loaded.
 """
 
 from __future__ import annotations
@@ -138,8 +166,68 @@ class RecBoleSASRec(nn.Module):
         return self.encoder(x, mask, output_all_encoded_layers=False)[-1]
 
 
+class PaperGRU4Rec(nn.Module):
+    """PMMRec's GRU4Rec user encoder: input dropout, bias-free ``n_layers``-layer GRU with hidden size D (module
+    docstring)."""
+
+    def __init__(self, d: int, n_layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(d, d, num_layers=n_layers, bias=False, batch_first=True)
+        nn.init.xavier_uniform_(self.gru.weight_ih_l0)  # as the originals: first layer only
+        nn.init.xavier_uniform_(self.gru.weight_hh_l0)
+
+    def forward(self, item_vecs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(self.dropout(item_vecs))  # [B, L, D]; right padding comes after every real state
+        return out
+
+
+class NextItNetBlock(nn.Module):
+    """NextItNet residual block "b": two causal dilated convolutions (dilation ``d`` then ``2 d``), each followed by
+    LayerNorm and ReLU, plus the input."""
+
+    def __init__(self, d: int, kernel_size: int = 3, dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv1d(d, d, kernel_size, dilation=dilation)
+        self.ln1 = nn.LayerNorm(d, eps=1e-8)
+        self.conv2 = nn.Conv1d(d, d, kernel_size, dilation=2 * dilation)
+        self.ln2 = nn.LayerNorm(d, eps=1e-8)
+
+    @staticmethod
+    def causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D] -> [B, L, D]``; zero left padding ``(k - 1) * dilation`` so position t sees ``<= t`` only."""
+        pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        return conv(F.pad(x.transpose(1, 2), (pad, 0))).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.ln1(self.causal_conv(self.conv1, x)))
+        out = F.relu(self.ln2(self.causal_conv(self.conv2, out)))
+        return out + x
+
+
+class PaperNextItNet(nn.Module):
+    """PMMRec's NextItNet user encoder: one block "b" per entry of ``dilations * n_blocks`` (module docstring)."""
+
+    def __init__(self, d: int, n_blocks: int = 2, dilations=(1, 4), kernel_size: int = 3):
+        super().__init__()
+        dilations = list(dilations)
+        if kernel_size < 1 or not dilations or any(int(x) != x or x < 1 for x in dilations):
+            raise ValueError(f"nextitnet needs kernel_size >= 1 and positive integer dilations, got kernel_size "
+                             f"{kernel_size!r}, dilations {dilations!r}")
+        self.dilations = [int(x) for x in dilations] * n_blocks
+        self.blocks = nn.Sequential(*(NextItNetBlock(d, kernel_size, x) for x in self.dilations))
+
+    def forward(self, item_vecs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.blocks(item_vecs)  # [B, L, D]; causal, so right padding never reaches a real state
+
+
+SEQ_ENCODERS = ("paper", "recbole", "gru4rec", "nextitnet")
+
+
 def build_sequence_encoder(config, d: int) -> nn.Module:
-    """``seq_encoder: paper | recbole`` with the usual RecBole keys (n_layers, n_heads, dropout ...)."""
+    """``seq_encoder: paper | recbole | gru4rec | nextitnet`` with the usual RecBole keys (n_layers, n_heads,
+    dropout_prob ...); gru4rec reads n_layers and dropout_prob, nextitnet n_layers (blocks of ``dilations``),
+    kernel_size (default 3) and dilations (default [1, 4])."""
     kind = config["seq_encoder"] or "paper"
     max_len = config["MAX_ITEM_LIST_LENGTH"]
     if kind == "paper":
@@ -151,4 +239,8 @@ def build_sequence_encoder(config, d: int) -> nn.Module:
             config["attn_dropout_prob"] if config["attn_dropout_prob"] is not None else config["dropout_prob"],
             config["hidden_act"] or "gelu", config["layer_norm_eps"] or 1e-12, config["initializer_range"] or 0.02, max_len,
         )
-    raise ValueError(f"seq_encoder must be paper or recbole, got {kind!r}")
+    if kind == "gru4rec":
+        return PaperGRU4Rec(d, config["n_layers"], config["dropout_prob"])
+    if kind == "nextitnet":
+        return PaperNextItNet(d, config["n_layers"], config["dilations"] or [1, 4], config["kernel_size"] or 3)
+    raise ValueError(f"seq_encoder must be one of {', '.join(SEQ_ENCODERS)}; got {kind!r}")

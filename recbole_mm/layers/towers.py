@@ -5,7 +5,15 @@
 - :class:`TextTower` (end-to-end): token ids of each item (tokenised once, a buffer) -> text encoder under a
   fine-tune policy -> ``Linear(d, D)`` + GELU (MoRec's E2E head).
 - :class:`ImageTower` (end-to-end): uint8 pixels from the image store -> image encoder -> ``Linear(d, D)`` + GELU.
+- :class:`TokenFeatureTower` (two-stage, token level): frozen token features ``[n_items, T, d]`` read from a
+  memory map (fp16 on disk) -> ``Linear(d, D)`` per token (PMMRec's / MMSR's ``text_proj`` / ``cv_proj``),
+  returned with the token mask as a pair ``(tokens [n, T', D], mask [n, T'])`` (T' = the batch's longest row).
+- ``TextTower`` / ``ImageTower`` with ``tokens=True`` (end-to-end, token level): the encoder's token states
+  (text: last hidden states and the attention mask; image: ViT CLS + patches, CNN feature map flattened, all
+  real) -> ``Linear(d, D)``, returned as the same pair.
 - :class:`IDTower`: a zero-initialised ID embedding, added to the content vector where a model mixes IDs in.
+- :class:`FusedItemTower`: one tower per modality and a fusion (``recbole_mm.layers.fusion``); with one
+  modality, token pairs are mean-pooled over their real tokens.
 
 Buffers holding content are not saved in checkpoints (``persistent=False``): they are rebuilt from the dataset.
 Frozen parts of an encoder stay in eval mode while training (BatchNorm statistics and dropout of frozen
@@ -17,19 +25,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recbole_mm.layers.fusion import pooled
 
-def _head(d_in: int, d_out: int) -> nn.Sequential:
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
     lin = nn.Linear(d_in, d_out)
     nn.init.xavier_normal_(lin.weight)
     nn.init.zeros_(lin.bias)
-    return nn.Sequential(lin, nn.GELU())
+    return lin
+
+
+def _head(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(_linear(d_in, d_out), nn.GELU())
+
+
+def _trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing token positions that are padding in every row of the batch."""
+    width = max(int(mask.sum(1).max().item()), 1) if mask.numel() else 1
+    return tokens[:, :width], mask[:, :width]
 
 
 class FeatureTower(nn.Module):
-    def __init__(self, features: torch.Tensor, d_out: int, dnn_layers: int = 0, dropout: float = 0.1):
+    """``activation=False``: a plain ``Linear(d, D)`` head (MMSR's token projection applied to mean-pooled
+    features: the linear map of a mean equals the mean of the linear maps)."""
+
+    def __init__(self, features: torch.Tensor, d_out: int, dnn_layers: int = 0, dropout: float = 0.1,
+                 activation: bool = True):
         super().__init__()
         self.register_buffer("features", features.float(), persistent=False)
-        self.head = _head(features.shape[-1], d_out)
+        self.head = _head(features.shape[-1], d_out) if activation else _linear(features.shape[-1], d_out)
         blocks = []
         for _ in range(int(dnn_layers)):
             lin = nn.Linear(d_out, d_out)
@@ -40,6 +64,25 @@ class FeatureTower(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dnn(self.head(self.features[ids]))
+
+
+class TokenFeatureTower(nn.Module):
+    """Frozen token features (``lookup(ids) -> [n, T, d]``, e.g. :class:`~recbole_mm.data.content.FeatureLookup`)
+    and their mask ``[n_items, T]`` -> ``(Linear(tokens), mask)`` trimmed to the batch's longest row."""
+
+    token_level = True
+
+    def __init__(self, lookup, mask: torch.Tensor, d_in: int, d_out: int):
+        super().__init__()
+        self.lookup = lookup
+        self.register_buffer("mask", mask.bool(), persistent=False)
+        self.proj = _linear(d_in, d_out)
+
+    def forward(self, ids: torch.Tensor):
+        mask = self.mask[ids]
+        width = max(int(mask.sum(1).max().item()), 1) if mask.numel() else 1
+        tokens = self.lookup(ids)[:, :width].to(device=ids.device, dtype=self.proj.weight.dtype)
+        return self.proj(tokens), mask[:, :width]
 
 
 class _EncoderTower(nn.Module):
@@ -58,29 +101,40 @@ class _EncoderTower(nn.Module):
 
 
 class TextTower(_EncoderTower):
-    def __init__(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, d_out: int):
+    """Pooled: ``GELU(Linear(encoder(text)))`` (MoRec's E2E head); ``tokens=True`` (the encoder built with
+    ``output="tokens"``): ``(Linear(token states), mask)``."""
+
+    def __init__(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, d_out: int,
+                 tokens: bool = False):
         super().__init__()
         self.encoder = encoder
+        self.token_level = tokens
         self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("attention_mask", attention_mask, persistent=False)
-        self.head = _head(encoder.hidden_size, d_out)
+        self.head = _linear(encoder.hidden_size, d_out) if tokens else _head(encoder.hidden_size, d_out)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = self.attention_mask[ids]
-        width = max(int(mask.sum(1).max().item()), 1)  # trim padding shared by the whole batch
-        return self.head(self.encoder(self.input_ids[ids, :width], mask[:, :width]))
+    def forward(self, ids: torch.Tensor):
+        ids_, mask = _trim(self.input_ids[ids], self.attention_mask[ids])  # padding shared by the whole batch
+        out = self.head(self.encoder(ids_, mask))
+        return (out, mask.bool()) if self.token_level else out
 
 
 class ImageTower(_EncoderTower):
-    def __init__(self, encoder, content, d_out: int):
+    """Pooled: ``GELU(Linear(encoder(image)))``; ``tokens=True``: ``(Linear(patch / grid tokens), all-true mask)``."""
+
+    def __init__(self, encoder, content, d_out: int, tokens: bool = False):
         super().__init__()
         self.encoder = encoder
         self.content = content
-        self.head = _head(encoder.hidden_size, d_out)
+        self.token_level = tokens
+        self.head = _linear(encoder.hidden_size, d_out) if tokens else _head(encoder.hidden_size, d_out)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor):
         pixels = self.content.pixels(ids, self.encoder.image_size)
-        return self.head(self.encoder(pixels.to(ids.device)))
+        out = self.head(self.encoder(pixels.to(ids.device)))
+        if self.token_level:
+            return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+        return out
 
 
 class IDTower(nn.Module):
@@ -97,13 +151,23 @@ class IDTower(nn.Module):
 
 
 class FusedItemTower(nn.Module):
-    """One tower per modality (``towers``, a dict in config order) fused into one ``[n, D]`` vector."""
+    """One tower per modality (``towers``, a dict in config order) fused into one ``[n, D]`` vector.
+
+    ``forward(ids, with_modalities=True)`` also returns each modality's pooled vector ``[n, D]`` (the inputs of
+    PMMRec's cross-modal contrastive loss), from the same tower outputs."""
 
     def __init__(self, towers: dict, fusion: nn.Module):
         super().__init__()
         self.towers = nn.ModuleDict(towers)
         self.fusion = fusion
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        vectors = [tower(ids) for tower in self.towers.values()]
-        return vectors[0] if len(vectors) == 1 else self.fusion(vectors)
+    @property
+    def token_level(self) -> bool:
+        return any(getattr(t, "token_level", False) for t in self.towers.values())
+
+    def forward(self, ids: torch.Tensor, with_modalities: bool = False):
+        outputs = [tower(ids) for tower in self.towers.values()]
+        fused = pooled(outputs[0]) if len(outputs) == 1 else self.fusion(outputs)
+        if with_modalities:
+            return fused, [pooled(o) for o in outputs]
+        return fused

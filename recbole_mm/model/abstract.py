@@ -34,6 +34,8 @@ from recbole_mm.trainer import MMTrainer
 from recbole_mm.utils import cfg_get
 
 SEQ_MODES = ("all_position", "prefix")
+MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
+CONTENT_MODES = ("two_stage", "end2end")
 SIMILARITIES = ("dot", "cosine")
 LOSSES = ("inbatch", "bce", "ce")
 
@@ -87,18 +89,97 @@ class MMSequentialRecommender(SequentialRecommender):
         self._item_matrix = None
 
     # ------------------------------------------------------------------ items
-    def frozen_features(self, config, dataset, modality: str) -> torch.Tensor:
-        """Frozen features ``[n_items, d]`` of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0
-        zeros), extracted on first use with the run's encoder keys and cached in the dataset folder."""
+    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled"):
+        """Frozen features of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0 zeros), extracted
+        on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
+        ``[n_items, d]``; ``kind="tokens"``: a :class:`~recbole_mm.data.content.FeatureLookup` over the memory map
+        ``[n, T, d]`` (stored as ``token_feature_dtype``, float16 by default)."""
         from recbole_mm.extract import get_or_extract, spec_from_config
 
-        spec = spec_from_config(config, modality)
+        spec = spec_from_config(config, modality, kind=kind)
+        if kind == "tokens":
+            spec.dtype = cfg_get(config, "token_feature_dtype", "float16")
         path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
-        features = self.content.features(path)
+        features = self.content.feature_lookup(path) if kind == "tokens" else self.content.features(path)
         # this model's own record (the content object is shared by every model built on the dataset)
         self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
             os.path.abspath(path)])
         return features
+
+    def read_content_keys(self, config, default_modality: str, default_fusion: str) -> list:
+        """Read and check the content keys shared by the content models (``modality``, ``mode``, ``fusion``,
+        ``embedding_size``); returns the modalities in order (text first)."""
+        name = type(self).__name__
+        self.modality = cfg_get(config, "modality", default_modality)
+        self.mode = cfg_get(config, "mode", "two_stage")
+        self.embedding_size = int(config["embedding_size"])
+        self.fusion_kind = cfg_get(config, "fusion", default_fusion)
+        if self.modality not in MODALITIES:
+            raise ValueError(f"{name} modality must be one of {sorted(MODALITIES)}, got {self.modality!r}")
+        if self.mode not in CONTENT_MODES:
+            raise ValueError(f"{name} mode must be one of {CONTENT_MODES}, got {self.mode!r}")
+        self.expensive_item_tower = self.mode == "end2end"
+        return MODALITIES[self.modality]
+
+    def build_content_tower(self, config, dataset, modality: str, mode: str, d: int, tokens: bool = False,
+                            head_layers: int = 0, activation: bool = True):
+        """The item tower of one modality (``recbole_mm.layers.towers``), from the run's encoder keys.
+
+        ``mode``: ``two_stage`` (frozen features, extracted on first use) or ``end2end`` (the encoder trains under
+        ``finetune``). ``tokens``: token-level output ``(tokens [n, T, D], mask)`` instead of ``[n, D]``.
+        ``head_layers``: pooled two-stage towers' extra ``Dropout -> Linear -> GELU`` blocks (``dnn_layers``);
+        ``activation=False``: pooled two-stage towers end in a plain Linear (MMSR's projection)."""
+        from recbole_mm.encoders import ImageEncoder, TextEncoder, apply_finetune
+        from recbole_mm.layers.towers import FeatureTower, ImageTower, TextTower, TokenFeatureTower
+
+        text_keys = dict(max_length=int(cfg_get(config, "text_max_length", 30)), fields=cfg_get(config, "text_fields"),
+                         lowercase=bool(cfg_get(config, "text_lowercase", False)))
+        if mode == "two_stage":
+            if not tokens:
+                return FeatureTower(self.frozen_features(config, dataset, modality), d, head_layers,
+                                    cfg_get(config, "dropout_prob", 0.1), activation=activation)
+            lookup = self.frozen_features(config, dataset, modality, kind="tokens")
+            if modality == "text":
+                from recbole_mm.encoders.text import load_tokenizer
+
+                tokenizer = load_tokenizer(cfg_get(config, "text_encoder", "all-MiniLM-L6-v2"))
+                _, mask = self.content.tokenize(tokenizer, text_keys["max_length"], text_keys["fields"],
+                                                lowercase=text_keys["lowercase"])
+                mask[0, 0] = 1  # padding row: one (zero) token, so that pooling it is defined
+            else:
+                mask = torch.ones(lookup.shape[:2], dtype=torch.bool)
+            if tuple(mask.shape) != tuple(lookup.shape[:2]):
+                raise ValueError(f"{modality} token features have {lookup.shape[1]} tokens per item but the "
+                                 f"tokenizer gives {mask.shape[1]}: re-extract with the run's text_max_length")
+            return TokenFeatureTower(lookup, mask, lookup.shape[-1], d)
+        finetune = dict(
+            policy=cfg_get(config, "finetune", "full"),
+            top_k=cfg_get(config, "finetune_top_k", 1),
+            lora_r=cfg_get(config, "lora_r", 8),
+            lora_alpha=cfg_get(config, "lora_alpha", 16),
+            lora_dropout=cfg_get(config, "lora_dropout", 0.1),
+            lora_target_modules=cfg_get(config, "lora_target_modules"),
+        )
+        output = "tokens" if tokens else "pooled"
+        if modality == "text":
+            encoder = TextEncoder(cfg_get(config, "text_encoder", "all-MiniLM-L6-v2"),
+                                  pooling=cfg_get(config, "text_pooling", "cls"), output=output)
+            apply_finetune(encoder, **finetune)
+            ids, mask = self.content.tokenize(encoder.tokenizer, text_keys["max_length"], text_keys["fields"],
+                                              lowercase=text_keys["lowercase"])
+            return TextTower(encoder, ids, mask, d, tokens=tokens)
+        encoder = ImageEncoder(
+            cfg_get(config, "image_encoder", "tf_efficientnet_lite0"),
+            image_size=int(cfg_get(config, "image_size", 224)),
+            pretrained=bool(cfg_get(config, "image_pretrained", True)),
+            weights=cfg_get(config, "image_weights"),
+            pooling=cfg_get(config, "image_pooling", "default"),
+            output=output,
+            mean=cfg_get(config, "image_mean"),
+            std=cfg_get(config, "image_std"),
+        )
+        apply_finetune(encoder, **finetune)
+        return ImageTower(encoder, self.content, d, tokens=tokens)
 
     def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors for ``ids`` (any shape) -> ``ids.shape + (D,)``; each unique id is encoded once."""
@@ -182,9 +263,8 @@ class MMSequentialRecommender(SequentialRecommender):
         return self.seq_encoder(seq_vecs * (seq > 0).unsqueeze(-1).to(seq_vecs.dtype), lengths)
 
     def calculate_loss(self, interaction):
-        seq, lengths, targets, full = self.sequence_targets(interaction)
-        length = seq.shape[1]
         if self.loss_name == "ce":
+            seq, lengths, targets, full = self.sequence_targets(interaction)
             if self.expensive_item_tower:
                 raise ValueError(f"{type(self).__name__}: loss 'ce' needs every item vector at every step; use cached "
                                  "features (two-stage) or the inbatch / bce losses")
@@ -192,22 +272,50 @@ class MMSequentialRecommender(SequentialRecommender):
             self._count(self.n_items - 1)
             states = self.user_states(seq, lengths, real[(seq - 1).clamp(min=0)])  # padding zeroed there
             return losses.full_softmax_loss(self.score_users(states), targets, self.score_items(real), first_id=1)
+        return self.recommendation_loss(self.loss_inputs(interaction))
+
+    def loss_inputs(self, interaction, extra_ids: torch.Tensor = None, with_modalities: bool = False) -> dict:
+        """Everything the ``inbatch`` / ``bce`` losses need, each unique item encoded once: ``seq``, ``lengths``,
+        ``targets``, ``full`` (the windows), ``users``, ``all_ids`` (windows, then BCE negatives), ``uniq``,
+        ``counts`` (batch slots of each unique id in ``all_ids``), ``uniq_vecs``, ``inverse`` (``all_ids`` ->
+        row of ``uniq``). ``extra_ids`` (any shape) are encoded in the same pass but are not candidates of the
+        in-batch softmax: ``extra_inverse`` maps them. ``with_modalities``: also ``modalities``, each modality's
+        pooled vectors of ``uniq`` (models whose item tower is a :class:`~recbole_mm.layers.towers.FusedItemTower`).
+        """
+        seq, lengths, targets, full = self.sequence_targets(interaction)
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         all_ids = full
         if self.loss_name == "bce":
-            negatives = losses.sample_negatives(full, self.n_items, length, users=users,
+            negatives = losses.sample_negatives(full, self.n_items, seq.shape[1], users=users,
                                                 forbidden_keys=self.train_keys if users is not None else None)
             all_ids = torch.cat([full, negatives * (targets > 0)], 1)  # negatives only where there is a loss
-        uniq, inverse, counts = torch.unique(all_ids, return_inverse=True, return_counts=True)
-        uniq_vecs = self.item_tower(uniq)
+        flat = all_ids.reshape(-1)
+        ids = flat if extra_ids is None else torch.cat([flat, extra_ids.reshape(-1)])
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        out = dict(seq=seq, lengths=lengths, targets=targets, full=full, users=users, all_ids=all_ids, uniq=uniq,
+                   counts=torch.bincount(inverse[: flat.numel()], minlength=len(uniq)),
+                   inverse=inverse[: flat.numel()].view(all_ids.shape))
+        if extra_ids is not None:
+            out["extra_inverse"] = inverse[flat.numel():].view(extra_ids.shape)
+        if with_modalities:
+            out["uniq_vecs"], out["modalities"] = self.item_tower(uniq, with_modalities=True)
+        else:
+            out["uniq_vecs"] = self.item_tower(uniq)
         self._count(len(uniq))
-        vecs = uniq_vecs[inverse]
-        states = self.user_states(seq, lengths, vecs[:, :length])
+        return out
+
+    def recommendation_loss(self, b: dict) -> torch.Tensor:
+        """The next-item loss (``inbatch`` or ``bce``) from :meth:`loss_inputs`; the user states at every position
+        are left in ``b["states"]`` for models that add terms."""
+        seq, lengths, targets, uniq, counts = b["seq"], b["lengths"], b["targets"], b["uniq"], b["counts"]
+        length = seq.shape[1]
+        vecs = b["uniq_vecs"][b["inverse"]]
+        states = b["states"] = self.user_states(seq, lengths, vecs[:, :length])
         if self.loss_name == "inbatch":
-            keep = uniq > 0
+            keep = (uniq > 0) & (counts > 0)
             return losses.inbatch_softmax_loss(
-                self.score_users(states), targets, uniq[keep], self.score_items(uniq_vecs[keep]), full, users,
-                self.log_pop[uniq[keep]] if self.logq_correction else None, counts[keep]
+                self.score_users(states), targets, uniq[keep], self.score_items(b["uniq_vecs"][keep]), b["full"],
+                b["users"], self.log_pop[uniq[keep]] if self.logq_correction else None, counts[keep]
             )
         valid = targets > 0
         item_vecs = self.score_items(vecs)
@@ -215,6 +323,11 @@ class MMSequentialRecommender(SequentialRecommender):
                                item_vecs[:, length + 1 :][valid])
 
     # ------------------------------------------------------------- inference
+    def forward(self, item_seq, item_seq_len):
+        # [B, L] ids -> [B, D]: the user state after the last item (RecBole's SASRec contract)
+        states = self.user_states(item_seq, item_seq_len, self.encode_items(item_seq))
+        return self.gather_indexes(states, item_seq_len - 1)
+
     def user_vector(self, interaction) -> torch.Tensor:
         seq = interaction[self.ITEM_SEQ]
         lengths = interaction[self.ITEM_SEQ_LEN]

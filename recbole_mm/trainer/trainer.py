@@ -116,7 +116,10 @@ class MMTrainer(Trainer):
         self._set_item_groups(train_data._dataset, is_train_split=True)
         self._in_fit = True
         try:
-            result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            if self.epochs <= self.start_epoch:  # epochs: 0 -> the model as built (e.g. transferred: zero-shot)
+                result = self._fit_without_training(valid_data, verbose, saved, show_progress)
+            else:
+                result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         finally:
             self._in_fit = False
         best = next((g for v, g in self._valid_pairs if v is self.best_valid_result), {})
@@ -124,6 +127,17 @@ class MMTrainer(Trainer):
             setattr(self, f"{group}_valid_result", best.get(group))
         self.valid_rows = best.get("rows")
         return result
+
+    def _fit_without_training(self, valid_data, verbose: bool, saved: bool, show_progress: bool):
+        """``epochs: 0``: validate the model as it is and save it, so that ``evaluate(load_best_model=True)`` and
+        the checkpoint work as after training (RecBole's fit would return no result and save nothing)."""
+        if valid_data is not None:
+            self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress)
+            if verbose:
+                self.logger.info(f"epochs: 0: no training; valid result of the model as built: {self.best_valid_result}")
+        if saved:
+            self._save_checkpoint(0, verbose=verbose)
+        return self.best_valid_score, self.best_valid_result
 
     def _set_item_groups(self, dataset, is_train_split: bool = False) -> None:
         """Item groups from the training split's counts (``train_item_counts`` of recbole_mm's datasets, else

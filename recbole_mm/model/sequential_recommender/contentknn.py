@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recbole_mm.model.abstract import MMSequentialRecommender
+from recbole_mm.model.abstract import MODALITIES, MMSequentialRecommender
 from recbole_mm.registry import register_model
 from recbole_mm.utils import cfg_get
 
-MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
 AGGREGATES = ("mean", "max")
 
 

@@ -13,16 +13,12 @@ Reference:
 
 from __future__ import annotations
 
-from recbole_mm.encoders import ImageEncoder, TextEncoder, apply_finetune
-from recbole_mm.layers.fusion import build_fusion
+from recbole_mm.layers.fusion import build_fusion, is_token_fusion
 from recbole_mm.layers.sequence import build_sequence_encoder
-from recbole_mm.layers.towers import FeatureTower, FusedItemTower, IDTower, ImageTower, TextTower
+from recbole_mm.layers.towers import FusedItemTower, IDTower
 from recbole_mm.model.abstract import MMSequentialRecommender
 from recbole_mm.registry import register_model
 from recbole_mm.utils import cfg_get
-
-MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
-MODES = ("two_stage", "end2end")
 
 
 @register_model
@@ -54,8 +50,9 @@ class MoRec(MMSequentialRecommender):
         - Under ``top_k`` / ``lora``, fully frozen encoder blocks run in eval mode (no dropout, no BatchNorm
           statistics updates); the original keeps the whole encoder in train mode.
         - LoRA adapters learn with ``learning_rate`` (new weights, like the heads), not ``encoder_learning_rate``.
-        - Two modalities (``text+image``) are fused by ``sum`` or ``concat`` (the paper studies one modality at
-          a time).
+        - Two modalities (``text+image``) are fused by ``add`` (plain sum, the default) or a pooled fusion of the
+          MMSR catalogue (``sum``, ``concat``, ``film``, ``gated``, ``*_dnn``); the paper studies one modality at
+          a time.
         - Images: square resize to ``image_size`` and the encoder's own normalisation (the original uses mean /
           std 0.5, which is also EfficientNet-Lite0's).
     """
@@ -64,62 +61,23 @@ class MoRec(MMSequentialRecommender):
         super().__init__(config, dataset)
 
         # load parameters info
-        self.modality = cfg_get(config, "modality", "text")
-        self.mode = cfg_get(config, "mode", "two_stage")
-        self.embedding_size = int(config["embedding_size"])
-        self.fusion_kind = cfg_get(config, "fusion", "sum")
-        if self.modality not in MODALITIES:
-            raise ValueError(f"MoRec modality must be one of {sorted(MODALITIES)}, got {self.modality!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"MoRec mode must be one of {MODES}, got {self.mode!r}")
-        self.expensive_item_tower = self.mode == "end2end"
+        modalities = self.read_content_keys(config, "text", "add")
 
         # define layers
-        modalities = MODALITIES[self.modality]
-        towers = {m: self._build_tower(m, config, dataset) for m in modalities}
-        item_tower = FusedItemTower(towers, build_fusion(self.fusion_kind, self.embedding_size, len(towers)))
+        if is_token_fusion(self.fusion_kind):
+            raise ValueError(f"fusion {self.fusion_kind!r} is token-level, but MoRec's item towers give one vector per "
+                             "item: use fusion add | sum | concat | film | gated (or their *_dnn variants) with MoRec, or "
+                             "model MMSR / PMMRec for co_att and merge_attn")
+        towers = {m: self.build_content_tower(config, dataset, m, self.mode, self.embedding_size,
+                                              head_layers=cfg_get(config, "dnn_layers", 0)) for m in modalities}
+        fusion = build_fusion(self.fusion_kind, self.embedding_size, len(towers),
+                              dropout=float(cfg_get(config, "dropout_prob", 0.1)),
+                              dnn_layers=int(cfg_get(config, "fusion_dnn_layers", 3)))
+        item_tower = FusedItemTower(towers, fusion)
         if cfg_get(config, "id_tower", False):  # content + a zero-initialised ID vector (summed)
             item_tower = FusedItemTower({"content": item_tower, "id": IDTower(self.n_items, self.embedding_size)},
-                                        build_fusion("sum", self.embedding_size, 2))
+                                        build_fusion("add", self.embedding_size, 2))
         self.item_tower = item_tower
         self.seq_encoder = build_sequence_encoder(config, self.embedding_size)
 
-    def _build_tower(self, modality, config, dataset):
-        d = self.embedding_size
-        if self.mode == "two_stage":
-            return FeatureTower(self.frozen_features(config, dataset, modality), d, cfg_get(config, "dnn_layers", 0),
-                                cfg_get(config, "dropout_prob", 0.1))
-        finetune = dict(
-            policy=cfg_get(config, "finetune", "full"),
-            top_k=cfg_get(config, "finetune_top_k", 1),
-            lora_r=cfg_get(config, "lora_r", 8),
-            lora_alpha=cfg_get(config, "lora_alpha", 16),
-            lora_dropout=cfg_get(config, "lora_dropout", 0.1),
-            lora_target_modules=cfg_get(config, "lora_target_modules"),
-        )
-        if modality == "text":
-            encoder = TextEncoder(cfg_get(config, "text_encoder", "all-MiniLM-L6-v2"), pooling=cfg_get(config, "text_pooling", "cls"))
-            apply_finetune(encoder, **finetune)
-            ids, mask = self.content.tokenize(
-                encoder.tokenizer, int(cfg_get(config, "text_max_length", 30)), cfg_get(config, "text_fields"),
-                lowercase=bool(cfg_get(config, "text_lowercase", False)),
-            )
-            return TextTower(encoder, ids, mask, d)
-        encoder = ImageEncoder(
-            cfg_get(config, "image_encoder", "tf_efficientnet_lite0"),
-            image_size=int(cfg_get(config, "image_size", 224)),
-            pretrained=bool(cfg_get(config, "image_pretrained", True)),
-            weights=cfg_get(config, "image_weights"),
-            pooling=cfg_get(config, "image_pooling", "default"),
-            mean=cfg_get(config, "image_mean"),
-            std=cfg_get(config, "image_std"),
-        )
-        apply_finetune(encoder, **finetune)
-        return ImageTower(encoder, self.content, d)
-
-    def forward(self, item_seq, item_seq_len):
-        # [B, L] ids -> [B, D]: the user state after the last item (RecBole's SASRec contract)
-        states = self.user_states(item_seq, item_seq_len, self.encode_items(item_seq))
-        return self.gather_indexes(states, item_seq_len - 1)
-
-    # calculate_loss / predict / full_sort_predict: MMSequentialRecommender (shared by every multimodal model)
+    # forward / calculate_loss / predict / full_sort_predict: MMSequentialRecommender (shared by every multimodal model)
