@@ -11,7 +11,7 @@ HR@10 (patience 5, at most ``--epochs`` epochs). Two settings:
 
 Baselines bracket the content models: Pop (no personalisation), SASRec (IDs), ContentKNN (content, no training).
 
-    python benchmarks/bench_protocol.py [--epochs 30] [--new-item-ratio 0.2] [--seeds 2020 2021] [--variants]
+    python benchmarks/bench_protocol.py [--epochs 30] [--new-item-ratio 0.2] [--seeds 2020 2021] [--variants | --fusions]
                                         [--settings standard new] [--only LABEL ...] [--no-write]
 """
 
@@ -51,7 +51,7 @@ TEXT = {"text_pooling": "mean", "text_max_length": 32, "text_lowercase": False}
 MOREC = {**SEQ, **TEXT, "mode": "two_stage", "embedding_size": 64, "dnn_layers": 2, "dropout_prob": 0.1,
          "seq_mode": "all_position", "seq_encoder": "paper", "loss": "inbatch"}
 
-TI = {**MOREC, "modality": "text+image"}
+TI = {**MOREC, "modality": "text+image", "fusion": "add"}
 NO_MASK = {"mask_history": False}
 # (label, model, config, settings it runs in)
 RUNS = [
@@ -79,6 +79,11 @@ VARIANTS = [
     ("MoRec text+image + ID tower, dnn_layers 0", "MoRec", {**TI, "id_tower": True, "dnn_layers": 0}, ("new",)),
     ("MoRec image", "MoRec", {**MOREC, "modality": "image"}, ("new",)),
 ]
+# MoRec text+image with the pooled fusions of the MMSR catalogue (--fusions): both settings, the given seeds
+COS = {"similarity": "cosine", "temperature": 0.1}
+FUSION_VARIANTS = [(f"MoRec text+image, fusion {f}{', cosine t=0.1' if cos else ''}", "MoRec",
+                    {**TI, "fusion": f, **(COS if cos else {})}, ("standard", "new"))
+                   for f in ("sum", "gated", "film") for cos in (False, True)]
 
 
 def worker(model: str, cfg: dict, out: str) -> None:
@@ -147,13 +152,14 @@ def run_all(epochs: int, ratio: float, seeds: list, runs: list, settings=("stand
 
 TITLE = "Protocol: overall, cold and new items (ml-100k-mm, history masked)"
 VARIANT_TITLE = "MoRec text+image on new items: the variants tried (ml-100k-mm, one seed)"
+FUSION_TITLE = "MoRec text+image with the MMSR catalogue's pooled fusions (ml-100k-mm, history masked)"
 
 
 def _f(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def render(tables: dict, epochs: int, ratio: float, seeds: list, variants: bool) -> str:
+def render(tables: dict, epochs: int, ratio: float, seeds: list, flag: str = "") -> str:
     import torch
 
     from _report import machine
@@ -163,7 +169,7 @@ def render(tables: dict, epochs: int, ratio: float, seeds: list, variants: bool)
     lines = [
         "Machine: " + machine() + ".",
         "",
-        f"Command: `python benchmarks/bench_protocol.py {flags}{' --variants' if variants else ''}`. Every model "
+        f"Command: `python benchmarks/bench_protocol.py {flags}{flag}`. Every model "
         "in a fresh process, same data and protocol: keep_last_n 23 (L 20 + 3), leave-one-out by time, full ranking "
         "over all items, **history masked** (unless the row says otherwise), early stopping on valid HR@10 "
         "(patience 5, at most "
@@ -179,6 +185,8 @@ def render(tables: dict, epochs: int, ratio: float, seeds: list, variants: bool)
     ]
     names = {"standard": "standard (every item trainable)", "new": f"new items ({ratio:.0%} of the items held out of training)"}
     for setting, rows in tables.items():
+        if not rows:
+            continue
         thr = next((r["cold_threshold"] for r in rows if r.get("cold_threshold") is not None), None)
         lines += [f"**{names[setting]}**; cold = at most {thr} training interactions", "",
                   "| model | epochs | HR@10 | NDCG@10 | cold rows | cold HR@10 | cold NDCG@10 | new rows | new HR@10 | "
@@ -206,18 +214,20 @@ def main() -> None:
     parser.add_argument("--new-item-ratio", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[2020, 2021])
     parser.add_argument("--variants", action="store_true", help="the investigation rows instead of the main table")
+    parser.add_argument("--fusions", action="store_true", help="MoRec text+image with the catalogue's pooled fusions")
     parser.add_argument("--settings", nargs="*", default=["standard", "new"], help="standard and / or new")
     parser.add_argument("--only", nargs="*", help="labels of the runs to do (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print the table; do not update docs/benchmarks.md")
     args = parser.parse_args()
-    runs = VARIANTS if args.variants else RUNS
+    runs = VARIANTS if args.variants else FUSION_VARIANTS if args.fusions else RUNS
     tables = run_all(args.epochs, args.new_item_ratio, args.seeds, runs, args.settings, args.only)
-    text = render(tables, args.epochs, args.new_item_ratio, args.seeds, args.variants)
+    flag = " --variants" if args.variants else " --fusions" if args.fusions else ""
+    text = render(tables, args.epochs, args.new_item_ratio, args.seeds, flag)
     print(text)
     if not args.no_write:
         from _report import write_section
 
-        write_section(VARIANT_TITLE if args.variants else TITLE, text)
+        write_section(VARIANT_TITLE if args.variants else FUSION_TITLE if args.fusions else TITLE, text)
 
 
 if __name__ == "__main__":

@@ -245,8 +245,13 @@ def cmd_extract(args) -> int:
     taps, kind = _parse_taps(args.taps)
     if args.tokens:
         kind = "tokens"
+    if args.kind:
+        if args.kind != kind and (args.tokens or args.taps):
+            raise SystemExit(f"recbole-mm extract: --kind {args.kind} contradicts --tokens / --taps")
+        kind = args.kind
     spec = spec_from_config(config, args.modality, kind=kind, taps=taps)
-    spec.dtype = args.dtype
+    # token features default to the dtype the models read (token_feature_dtype), so the file is the one they use
+    spec.dtype = args.dtype or (config["token_feature_dtype"] or "float16" if kind == "tokens" else "float32")
     shard = None
     if args.shard:
         m = re.match(r"^(\d+)/(\d+)$", args.shard)
@@ -351,13 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--encoder", help="HF id / local folder (text, image) or timm name (image); default from config")
     e.add_argument("--pooling", help="text: cls|mean|last|pooler; image: default|cls|mean")
     e.add_argument("--taps", help="'all' or comma-separated hidden-state indices (per-layer outputs)")
-    e.add_argument("--tokens", action="store_true", help="store token states [n, T, d] instead of pooled vectors")
+    e.add_argument("--kind", choices=["pooled", "taps", "tokens"],
+                   help="pooled: one vector per item (default); taps: one per hidden state (--taps picks them); "
+                        "tokens: token states [n, T, d] (MMSR / PMMRec token-level fusions)")
+    e.add_argument("--tokens", action="store_true", help="the same as --kind tokens")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--shard", help="i/n: compute shard i of n; the last shard to finish merges them")
     e.add_argument("--max-length", type=int, help="text tokens per item")
     e.add_argument("--text-fields", help="comma-separated .item text columns")
     e.add_argument("--image-size", type=int, help="square image side")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    e.add_argument("--dtype", choices=["float32", "float16"],
+                   help="storage dtype (default float32; tokens: token_feature_dtype, float16)")
     e.add_argument("--output", "-o", help="output .npy (default <dataset>/features/<encoder>/<modality>-<pooling>...npy)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key=value")

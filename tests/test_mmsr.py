@@ -146,3 +146,20 @@ def test_single_modality_is_the_mean_of_projected_tokens(mmsr_cfg):
     model.eval()
     tokens, mask = model.item_tower.towers["text"](ids)
     assert torch.allclose(model.item_tower(ids), masked_mean(tokens, mask), atol=1e-6)
+
+
+def test_cli_extract_kind_tokens_is_the_file_the_model_reads(tiny_root, tiny_bert, mmsr_cfg, capsys):
+    """`recbole-mm extract --model MMSR --kind tokens` writes the float16 token file MMSR then reads (no second
+    extraction), whatever the model's own keys are."""
+    from recbole_mm.cli import main as cli
+
+    args = ["extract", "--model", "MMSR", "--dataset", "mm-tiny", "--data-path", tiny_root, "--modality", "text",
+            "--kind", "tokens", "--no-progress", f"text_encoder={tiny_bert}", "text_max_length=16"]
+    assert cli(args) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    assert np.load(path, mmap_mode="r").dtype == np.float16
+    before = os.path.getmtime(path)
+    _, _, _, _, _, model, _ = build_run("MMSR", "mm-tiny", dict(mmsr_cfg, fusion="merge_attn"))
+    assert os.path.abspath(path) in model._feature_fingerprints and os.path.getmtime(path) == before
+    with pytest.raises(SystemExit, match="contradicts"):
+        cli(args[:-2] + ["--taps", "all"])
