@@ -218,16 +218,22 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=["standard", "new"], help="standard and / or new")
     parser.add_argument("--only", nargs="*", help="labels of the runs to do (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print the table; do not update docs/benchmarks.md")
+    parser.add_argument("--section", help="write the table to this section of docs/benchmarks.md; --only then picks "
+                                          "rows from every list (main, --variants, --fusions)")
     args = parser.parse_args()
     runs = VARIANTS if args.variants else FUSION_VARIANTS if args.fusions else RUNS
+    if args.section:
+        runs = RUNS + VARIANTS + FUSION_VARIANTS
     tables = run_all(args.epochs, args.new_item_ratio, args.seeds, runs, args.settings, args.only)
     flag = " --variants" if args.variants else " --fusions" if args.fusions else ""
+    if args.section:
+        flag = f" --section {json.dumps(args.section)} --only " + " ".join(json.dumps(x) for x in args.only or [])
     text = render(tables, args.epochs, args.new_item_ratio, args.seeds, flag)
     print(text)
     if not args.no_write:
         from _report import write_section
 
-        write_section(VARIANT_TITLE if args.variants else FUSION_TITLE if args.fusions else TITLE, text)
+        write_section(args.section or (VARIANT_TITLE if args.variants else FUSION_TITLE if args.fusions else TITLE), text)
 
 
 if __name__ == "__main__":

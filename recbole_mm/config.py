@@ -195,6 +195,8 @@ def dataset_dir(data_path: str, dataset: str, sources=None) -> str:
     if sources:
         return merged_dataset_dir(dataset)
     candidate = os.path.join(data_path, dataset)
+    if not os.path.isdir(candidate) and os.path.isdir(merged_dataset_dir(dataset)):
+        return merged_dataset_dir(dataset)  # a merge built earlier, named without its source_datasets
     if dataset in EMBEDDED_DATASETS and not os.path.isdir(candidate):
         return embedded_dataset_dir(dataset)
     return candidate
@@ -264,6 +266,8 @@ class Config(RecBoleConfig):
             cfg["train_neg_sample_args"] = None
         super()._set_default_parameters()
         _check_protocol_keys(cfg)
+        if cfg.get("pretrained_path"):  # trials and workers may run in another working directory
+            cfg["pretrained_path"] = os.path.abspath(os.path.expanduser(cfg["pretrained_path"]))
         if self.dataset != "ml-100k":
             base = self.external_config_dict.get("data_path", self.internal_config_dict.get("data_path", "dataset/"))
             cfg["data_path"] = dataset_dir(base, self.dataset, cfg.get("source_datasets"))

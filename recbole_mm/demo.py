@@ -4,7 +4,7 @@
 2. extracts frozen features once: all-MiniLM-L6-v2 for the text, EfficientNet-Lite0 for the posters (cached in
    the dataset folder; later runs reuse them). Steps 1-2 show progress bars (dataset build, image store,
    each extraction), even though training itself runs with ``show_progress: False`` (one log line per epoch);
-3. trains MoRec (two-stage: Linear + GELU + DNN head over each modality, sum fusion, the seed papers' SASRec
+3. trains MoRec (two-stage: Linear + GELU + DNN head over each modality, added (fusion add), the seed papers' SASRec
    block, logQ-corrected in-batch softmax over all positions) with RecBole's trainer and early stopping;
 4. prints valid / test metrics with the user's history masked, overall, on cold items (the long tail holding 10%
    of the training interactions) and on new items (none in training), and writes a training-curve plot.
@@ -13,7 +13,7 @@ About 2.5 minutes on 2 CPU cores (the first run adds a minute or two: dataset bu
 same run from the command line::
 
     recbole-mm run --model MoRec --dataset ml-100k-mm --plot curve.png modality=text+image mode=two_stage \
-        fusion=sum text_pooling=mean text_max_length=32 text_lowercase=false embedding_size=64 dnn_layers=2 \
+        fusion=add text_pooling=mean text_max_length=32 text_lowercase=false embedding_size=64 dnn_layers=2 \
         loss=inbatch learning_rate=0.001 train_batch_size=128 MAX_ITEM_LIST_LENGTH=20 epochs=40 eval_step=2 \
         stopping_step=4 cold_item_quantile=0.1 "metrics=[Hit,NDCG]" "topk=[10,20]" valid_metric=NDCG@10
 """

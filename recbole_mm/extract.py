@@ -294,7 +294,12 @@ def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, sha
     with torch.inference_mode():
         for lo in range(done, n_rows, batch_size):
             hi = min(lo + batch_size, n_rows)
-            array[lo:hi] = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy().astype(dtype)
+            rows = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy()
+            if dtype == np.float16 and np.abs(rows).max(initial=0.0) > np.finfo(np.float16).max:
+                raise ff.FeatureFileError(
+                    f"{spec.encoder} gives values beyond float16's range ({np.abs(rows).max():.3g}) for items "
+                    f"{lo}..{hi - 1}: extract as float32 (--dtype float32; models: token_feature_dtype: float32)")
+            array[lo:hi] = rows.astype(dtype)
             array.flush()
             atomic_write_json(progress_file, {"meta": meta, "done": hi, "batch_size": batch_size})
             bar.update(hi - lo)

@@ -175,7 +175,10 @@ def load_data_and_model(model_file):
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = registry.model_class_of(config)(config, train_data._dataset).to(config["device"])
+    from recbole_mm.model.abstract import restoring_checkpoint
+
+    with restoring_checkpoint():  # the checkpoint's weights replace any transfer done at construction
+        model = registry.model_class_of(config)(config, train_data._dataset).to(config["device"])
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -135,3 +135,26 @@ def test_resume_keeps_the_interrupted_batch_size(tiny_root, spec, tmp_path):
         extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=16, progress=False, _stop_after_batches=2)
     extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=64, progress=False)
     assert _sha(out) == _sha(ref)
+
+
+def test_float16_overflow_is_an_error_not_inf(tiny_root, spec, tmp_path, monkeypatch):
+    """Large activations (LLM hidden states) stored as float16 would become inf: the extraction stops and asks for
+    float32 instead."""
+    import recbole_mm.extract as ex
+
+    real = ex.build_encoder
+
+    def loud_encoder(s):
+        enc = real(s)
+        forward = enc.forward
+        enc.forward = lambda *a, **k: forward(*a, **k) * 1e6
+        return enc
+
+    monkeypatch.setattr(ex, "build_encoder", loud_encoder)
+    folder = os.path.join(tiny_root, "mm-tiny")
+    half = ExtractSpec(**{**spec.__dict__, "kind": "tokens", "dtype": "float16"})
+    with pytest.raises(ff.FeatureFileError, match="beyond float16's range.*float32"):
+        extract_features(folder, "mm-tiny", half, out_path=str(tmp_path / "t16.npy"), progress=False)
+    full = ExtractSpec(**{**spec.__dict__, "kind": "tokens", "dtype": "float32"})
+    path = extract_features(folder, "mm-tiny", full, out_path=str(tmp_path / "t32.npy"), progress=False)
+    assert np.isfinite(np.load(path)).all()

@@ -127,6 +127,25 @@ def test_reused_then_rebuilt_when_a_source_changes(sources, tmp_path):
     assert not [e for e in os.listdir(out) if e.startswith(".")]  # no temporary folder or lock left
 
 
+def test_reuse_does_not_rehash_unchanged_sources(sources, tmp_path, monkeypatch):
+    """Every run's Config checks the merge: unchanged files (size, mtime, inode) are not hashed again; a touched
+    but unchanged file is hashed and the merge still reused."""
+    import recbole_mm.data.merge as merge
+
+    out, folder = _merged(sources, tmp_path)
+    inter = os.path.join(folder, "a+b.inter")
+    mtime = os.stat(inter).st_mtime_ns
+    hashed = []
+    real = merge.file_sha256
+    monkeypatch.setattr(merge, "file_sha256", lambda p: hashed.append(p) or real(p))
+    assert _merged(sources, tmp_path)[1] == folder and hashed == []
+    a_inter = os.path.join(sources, "a", "a.inter")
+    st = os.stat(a_inter)
+    os.utime(a_inter, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _merged(sources, tmp_path)
+    assert hashed == [a_inter] and os.stat(inter).st_mtime_ns == mtime  # re-hashed, same bytes: reused
+
+
 def test_two_processes_merge_once(sources, tmp_path):
     code = textwrap.dedent(f"""
         import logging, sys

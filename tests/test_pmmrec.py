@@ -5,6 +5,7 @@ One PMMRec pre-training run (module scope) gives the checkpoint every fine-tunin
 """
 
 import csv
+import json
 import os
 import shutil
 import sys
@@ -82,6 +83,13 @@ BAD_INPUT = {
     "position table": (dict(train_stage="finetune", pretrained_path="{ckpt}", MAX_ITEM_LIST_LENGTH=12), TransferError,
                        r"does not fit this model for transfer 'full'.*seq_encoder\.position\.weight \(10, 16\) vs "
                        r"\(12, 16\)"),
+    "other attention heads": (dict(train_stage="finetune", pretrained_path="{ckpt}", fusion_heads=4), TransferError,
+                              r"trained with fusion_heads: 2, this run has 4"),
+    "full then LoRA": (dict(train_stage="finetune", pretrained_path="{ckpt}", finetune="lora"), TransferError,
+                       r"trained with finetune: 'top_k', this run has 'lora'"),
+    "no images for an image model": (dict(train_stage="pretrain", image_dir="no-such-folder",
+                                          features_dir="{tmp}/features"), ValueError,
+                                     r"reads item images .* no item of dataset mm-tiny has an image in .*no-such-folder"),
     "NICL without images": (dict(train_stage="pretrain", modality="text", nicl_alpha=0.4), ValueError,
                             r"needs modality text\+image, got 'text'"),
     "finetune text from text+image": (dict(train_stage="finetune", pretrained_path="{ckpt}", modality="text"),
@@ -315,3 +323,44 @@ def test_tune_a_finetuning_key(cfg, pretrained, tmp_path):
                 "learning_rate=choice([0.01, 0.001])", "-o", str(out)] + overrides) == 0
     text = out.read_text()
     assert text.count("## learning_rate:") == 2 and "trials: 2" in text
+
+
+def test_finetuned_checkpoint_reloads_in_a_new_process_without_the_pretraining_file(cfg, pretrained, tmp_path):
+    """The transfer happens when a fine-tuning run builds its model; reloading the fine-tuned checkpoint later (in
+    another process, after the pre-training file is gone) takes the weights from the checkpoint alone."""
+    import shutil
+    import subprocess
+
+    copy = str(tmp_path / "pre.pth")
+    shutil.copy(pretrained, copy)
+    result = recbole_mm.run_recbole(model="PMMRec", dataset="mm-tiny", config_dict=finetune_cfg(cfg, copy))
+    os.remove(copy)
+    script = (
+        "import sys, json, torch; torch.set_num_threads(1); import recbole_mm\n"
+        "from recbole_mm.trainer.utils import get_trainer\n"
+        "config, model, dataset, train, valid, test = recbole_mm.load_data_and_model(sys.argv[1])\n"
+        "trainer = get_trainer(config['MODEL_TYPE'], config['model'])(config, model)\n"
+        "print(json.dumps({k: float(v) for k, v in trainer.evaluate(test, load_best_model=False).items()}))\n")
+    proc = subprocess.run([sys.executable, "-c", script, result["checkpoint_file"]], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=dict(os.environ, RECBOLE_MM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reloaded == pytest.approx({k: float(v) for k, v in result["test_result"].items()}, abs=5e-5)
+
+
+def test_relative_pretrained_path_is_made_absolute(cfg, pretrained, tmp_path, monkeypatch):
+    from recbole_mm.config import Config
+
+    monkeypatch.chdir(os.path.dirname(pretrained))
+    config = Config(model="PMMRec", dataset="mm-tiny",
+                    config_dict=finetune_cfg(cfg, os.path.basename(pretrained)))
+    assert config["pretrained_path"] == pretrained
+
+
+def test_token_fusions_refuse_the_full_softmax(cfg):
+    from recbole_mm.testing import build_run
+
+    _, _, train, _, _, model, _ = build_run("PMMRec", "mm-tiny", dict(cfg, loss="ce"))
+    with pytest.raises(ValueError, match="loss 'ce' needs every item vector"):
+        model.calculate_loss(next(iter(train)))
+

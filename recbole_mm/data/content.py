@@ -200,9 +200,8 @@ class ItemContent:
     def image_store(self, size: Optional[int] = None) -> ImageStore:
         size = int(size or self._cfg("image_size", 224))
         store_root = self._cfg("image_store_dir") or os.path.join(self.dataset_dir, "image_store")
-        image_dir = os.path.join(self.dataset_dir, self._cfg("image_dir", "images"))
         catalogue = self._catalogue_tokens()
-        return ImageStore.open_or_build(image_dir, os.path.join(store_root, f"{size}px"), size, catalogue)
+        return ImageStore.open_or_build(self.image_dir(), os.path.join(store_root, f"{size}px"), size, catalogue)
 
     def _catalogue_tokens(self) -> list[str]:
         """Every item token of the dataset folder plus this dataset's (the image store covers them all)."""
@@ -212,6 +211,16 @@ class ItemContent:
         except FileNotFoundError:
             tokens = []
         return sorted(set(tokens) | set(self.tokens[1:].tolist()))
+
+    def image_dir(self) -> str:
+        return os.path.join(self.dataset_dir, self._cfg("image_dir", "images"))
+
+    def count_images(self) -> int:
+        """How many items of this dataset have an image file in the dataset's image folder (files not checked)."""
+        from recbole_mm.data.images import find_images
+
+        files = find_images(self.image_dir())
+        return sum(1 for t in self.tokens[1:] if t in files)
 
     def image_rows(self, size: Optional[int] = None) -> tuple[ImageStore, torch.Tensor]:
         """The image store and, per internal id, its row there (0 = placeholder: padding, missing, corrupt)."""

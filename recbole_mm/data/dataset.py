@@ -21,7 +21,6 @@ What they add to RecBole's classes (nothing else changes):
 
 from __future__ import annotations
 
-
 import numpy as np
 from recbole.data.dataset import Dataset, SequentialDataset
 

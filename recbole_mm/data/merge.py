@@ -92,13 +92,40 @@ class _Source:
         item = self.path("item")
         return [n for n, t in header(item) if t == "token_seq"] if os.path.isfile(item) else []
 
-    def fingerprint(self) -> dict:
-        sha = lambda path: file_sha256(path) if path and os.path.isfile(path) else None  # noqa: E731
+    def fingerprint(self, previous: Optional[dict] = None) -> dict:
+        """sha256 of the source's files and its image listing. A file whose size, mtime and inode equal those in
+        ``previous`` (this source's record in an earlier build's provenance) keeps its recorded sha256: every run
+        builds its Config through here, and re-hashing large sources each time would cost seconds."""
+        out = {"name": self.name, "path": self.folder}
+        for key, path in (("inter", self.inter), ("item", self.path("item")), ("user", self.path("user")),
+                          ("yaml", self.yaml_path)):
+            if not path or not os.path.isfile(path):
+                out[f"{key}_sha256"] = out[f"{key}_stat"] = None
+                continue
+            st = os.stat(path)
+            sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+            same = previous and previous.get(f"{key}_stat") == sig and previous.get(f"{key}_sha256")
+            out[f"{key}_sha256"] = previous[f"{key}_sha256"] if same else file_sha256(path)
+            out[f"{key}_stat"] = sig
         listing = "\n".join(sorted(os.path.basename(p) for p in self.images.values()))
-        return {"name": self.name, "path": self.folder, "inter_sha256": sha(self.inter),
-                "item_sha256": sha(self.path("item")), "user_sha256": sha(self.path("user")),
-                "yaml_sha256": sha(self.yaml_path),
-                "images": {"count": len(self.images), "names_sha256": hashlib.sha256(listing.encode()).hexdigest()}}
+        out["images"] = {"count": len(self.images), "names_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        return out
+
+
+def _previous_sources(out_root: str, name: str, prov_file: str) -> dict:
+    """Source records (by folder) of an earlier build's provenance, if any: :meth:`_Source.fingerprint`'s hint."""
+    old = read_json(os.path.join(out_root, name, prov_file))
+    sources = old.get("sources") or ([old["source"]] if old.get("source") else []) if isinstance(old, dict) else []
+    return {s.get("path"): s for s in sources if isinstance(s, dict)}
+
+
+def _comparable(value):
+    """Provenance inputs without the file-stat hints (a touched but unchanged file is the same input)."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items() if not k.endswith("_stat")}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ atomic files
@@ -178,7 +205,7 @@ def _build_once(out_root: str, name: str, prov_file: str, inputs: dict, build: C
             if not isinstance(old, dict):
                 raise FileExistsError(f"{target} exists and was not built by recbole_mm.data.merge (no {prov_file}); "
                                       f"remove it or choose another name")
-            if all(old.get(k) == v for k, v in inputs.items()):
+            if all(_comparable(old.get(k)) == _comparable(v) for k, v in inputs.items()):
                 logger.info(f"reusing {what} (inputs unchanged)")
                 return target
             logger.info(f"rebuilding {what}: its inputs changed")
@@ -233,7 +260,9 @@ def merge_datasets(sources: list[tuple[str, str]], out_root: str, name: Optional
     for key in ("user_field", "item_field"):
         if len({getattr(s, key) for s in srcs}) > 1:
             raise ValueError(f"sources disagree on {key}: " + ", ".join(f"{s.name}: {getattr(s, key)}" for s in srcs))
-    inputs = {"format": FORMAT, "kind": "merge", "name": name, "sources": [s.fingerprint() for s in srcs]}
+    previous = _previous_sources(out_root, name, "merge.json")
+    inputs = {"format": FORMAT, "kind": "merge", "name": name,
+              "sources": [s.fingerprint(previous.get(s.folder)) for s in srcs]}
     return _build_once(out_root, name, "merge.json", inputs, lambda tmp: _merge_into(tmp, name, srcs, progress))
 
 
@@ -324,7 +353,8 @@ def subset_items(src_dir: str, src_name: str, out_root: str, name: str, keep_ite
     """
     s = _Source(src_dir, src_name)
     keep = sorted({str(t) for t in keep_item_tokens})
-    inputs = {"format": FORMAT, "kind": "subset", "name": name, "source": s.fingerprint(),
+    inputs = {"format": FORMAT, "kind": "subset", "name": name,
+              "source": s.fingerprint(_previous_sources(out_root, name, "split.json").get(s.folder)),
               "items_sha256": hashlib.sha256("\n".join(keep).encode("utf-8")).hexdigest(),
               "min_user_inter": int(min_user_inter), "notes": notes or {}}
     return _build_once(out_root, name, "split.json", inputs,

@@ -231,7 +231,7 @@ class BertAttention(nn.Module):
     def __init__(self, d: int, n_heads: int, dropout: float):
         super().__init__()
         if d % n_heads:
-            raise ValueError(f"hidden size {d} is not a multiple of n_heads {n_heads}")
+            raise ValueError(f"fusion attention: embedding_size {d} is not a multiple of fusion_heads {n_heads}")
         self.n_heads, self.d_head = n_heads, d // n_heads
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.dense = nn.Linear(d, d)

@@ -39,9 +39,13 @@ def _head(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(_linear(d_in, d_out), nn.GELU())
 
 
+def _width(mask: torch.Tensor) -> int:
+    """Token positions up to the batch's longest row (trailing positions that are padding in every row dropped)."""
+    return max(int(mask.sum(1).max().item()), 1) if mask.numel() else 1
+
+
 def _trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing token positions that are padding in every row of the batch."""
-    width = max(int(mask.sum(1).max().item()), 1) if mask.numel() else 1
+    width = _width(mask)
     return tokens[:, :width], mask[:, :width]
 
 
@@ -79,10 +83,8 @@ class TokenFeatureTower(nn.Module):
         self.proj = _linear(d_in, d_out)
 
     def forward(self, ids: torch.Tensor):
-        mask = self.mask[ids]
-        width = max(int(mask.sum(1).max().item()), 1) if mask.numel() else 1
-        tokens = self.lookup(ids)[:, :width].to(device=ids.device, dtype=self.proj.weight.dtype)
-        return self.proj(tokens), mask[:, :width]
+        tokens, mask = _trim(self.lookup(ids), self.mask[ids])
+        return self.proj(tokens.to(device=ids.device, dtype=self.proj.weight.dtype)), mask
 
 
 class _EncoderTower(nn.Module):

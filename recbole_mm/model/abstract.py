@@ -22,7 +22,9 @@ lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the re
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -38,6 +40,26 @@ MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "imag
 CONTENT_MODES = ("two_stage", "end2end")
 SIMILARITIES = ("dot", "cosine")
 LOSSES = ("inbatch", "bce", "ce")
+
+
+_RESTORING = threading.local()
+
+
+@contextlib.contextmanager
+def restoring_checkpoint():
+    """Models built inside this block are about to receive a checkpoint's weights (``load_data_and_model``): they
+    skip initialising weights from elsewhere (PMMRec's transfer from ``pretrained_path``), which the checkpoint
+    replaces anyway and which may no longer be on disk."""
+    previous = getattr(_RESTORING, "on", False)
+    _RESTORING.on = True
+    try:
+        yield
+    finally:
+        _RESTORING.on = previous
+
+
+def is_restoring_checkpoint() -> bool:
+    return bool(getattr(_RESTORING, "on", False))
 
 
 class FeatureMismatchError(ValueError):
@@ -94,11 +116,14 @@ class MMSequentialRecommender(SequentialRecommender):
         on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
         ``[n_items, d]``; ``kind="tokens"``: a :class:`~recbole_mm.data.content.FeatureLookup` over the memory map
         ``[n, T, d]`` (stored as ``token_feature_dtype``, float16 by default)."""
-        from recbole_mm.extract import get_or_extract, spec_from_config
+        from recbole_mm.extract import default_feature_path, get_or_extract, spec_from_config
 
         spec = spec_from_config(config, modality, kind=kind)
         if kind == "tokens":
             spec.dtype = cfg_get(config, "token_feature_dtype", "float16")
+        if modality == "image" and not os.path.isfile(
+                default_feature_path(dataset.dataset_path, spec, cfg_get(config, "features_dir"))):
+            self.require_images()
         path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
         features = self.content.feature_lookup(path) if kind == "tokens" else self.content.features(path)
         # this model's own record (the content object is shared by every model built on the dataset)
@@ -121,6 +146,14 @@ class MMSequentialRecommender(SequentialRecommender):
         self.expensive_item_tower = self.mode == "end2end"
         return MODALITIES[self.modality]
 
+    def require_images(self) -> None:
+        """A model that reads images on a dataset without any is an error (not a catalogue of placeholders)."""
+        if self.content.count_images() == 0:
+            raise ValueError(
+                f"{type(self).__name__} reads item images (modality {getattr(self, 'modality', 'image')!r}), but no item "
+                f"of dataset {self.content.dataset_name} has an image in {self.content.image_dir()}: use modality "
+                "text, or put <item_token>.jpg files there (image_dir)")
+
     def build_content_tower(self, config, dataset, modality: str, mode: str, d: int, tokens: bool = False,
                             head_layers: int = 0, activation: bool = True):
         """The item tower of one modality (``recbole_mm.layers.towers``), from the run's encoder keys.
@@ -132,7 +165,7 @@ class MMSequentialRecommender(SequentialRecommender):
         from recbole_mm.encoders import ImageEncoder, TextEncoder, apply_finetune
         from recbole_mm.layers.towers import FeatureTower, ImageTower, TextTower, TokenFeatureTower
 
-        text_keys = dict(max_length=int(cfg_get(config, "text_max_length", 30)), fields=cfg_get(config, "text_fields"),
+        text_keys = dict(max_length=int(cfg_get(config, "text_max_length", 32)), fields=cfg_get(config, "text_fields"),
                          lowercase=bool(cfg_get(config, "text_lowercase", False)))
         if mode == "two_stage":
             if not tokens:
@@ -168,6 +201,7 @@ class MMSequentialRecommender(SequentialRecommender):
             ids, mask = self.content.tokenize(encoder.tokenizer, text_keys["max_length"], text_keys["fields"],
                                               lowercase=text_keys["lowercase"])
             return TextTower(encoder, ids, mask, d, tokens=tokens)
+        self.require_images()
         encoder = ImageEncoder(
             cfg_get(config, "image_encoder", "tf_efficientnet_lite0"),
             image_size=int(cfg_get(config, "image_size", 224)),

@@ -129,8 +129,8 @@ class MMTrainer(Trainer):
         return result
 
     def _fit_without_training(self, valid_data, verbose: bool, saved: bool, show_progress: bool):
-        """``epochs: 0``: validate the model as it is and save it, so that ``evaluate(load_best_model=True)`` and
-        the checkpoint work as after training (RecBole's fit would return no result and save nothing)."""
+        """``epochs: 0``: validate the model as it is and save it, so that the run reports a valid result and
+        ``evaluate(load_best_model=True)`` reads this model (RecBole's fit saves it but returns no valid result)."""
         if valid_data is not None:
             self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress)
             if verbose:

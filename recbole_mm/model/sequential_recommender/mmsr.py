@@ -4,7 +4,7 @@ MMSR
 ################################################
 
 Reference:
-    Youhua Li, Hanwen Du, Yongxin Ni, Yuanqi He, Junchen Fu, Xiangyan Liu, Qi Guo. "An Empirical Study of Training
+    Youhua Li, Hanwen Du, Yongxin Ni, et al. (Li, Du, Ni, He, Fu, Liu, Guo). "An Empirical Study of Training
     ID-Agnostic Multi-modal Sequential Recommenders." arXiv 2403.17372.
 
 Reference:
@@ -66,6 +66,8 @@ class MMSR(MMSequentialRecommender):
         # token towers where tokens are read: token-level fusions over two modalities, and end-to-end encoders
         # (whose token states are projected then pooled, as the original); otherwise pooled features + Linear
         self.token_towers = (is_token_fusion(self.fusion_kind) and len(modalities) > 1) or self.mode == "end2end"
+        # every item through a token-level fusion at every step (loss ce) costs too much: refused like end2end
+        self.expensive_item_tower = self.expensive_item_tower or self.token_towers
 
         # define layers
         towers = {m: self.build_content_tower(config, dataset, m, self.mode, self.embedding_size,

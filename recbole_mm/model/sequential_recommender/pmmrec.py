@@ -4,7 +4,8 @@ PMMRec
 ################################################
 
 Reference:
-    Zhaohui Li, Fajie Yuan, et al. "Multi-Modality is All You Need for Transferable Recommender Systems."
+    Youhua Li, Hanwen Du, Yongxin Ni, et al. (Li, Du, Ni, Zhao, Guo, Yuan, Zhou). "Multi-Modality is All You Need
+    for Transferable Recommender Systems."
     ICDE 2024 (arXiv 2312.09602).
 
 Reference:
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from recbole_mm.model import pretrain_losses
+from recbole_mm.model.abstract import is_restoring_checkpoint
 from recbole_mm.model.sequential_recommender.mmsr import MMSR
 from recbole_mm.registry import register_model
 from recbole_mm.utils import cfg_get
@@ -29,9 +31,11 @@ TRANSFERS = {"full": ("item_tower.", "seq_encoder."), "item_encoder": ("item_tow
 # Keys that must agree between the pre-trained checkpoint and the fine-tuning run (they shape the weights or
 # decide what the transferred weights mean).
 TRANSFER_KEYS = {
-    "item_tower.": ("modality", "mode", "fusion", "embedding_size", "text_encoder", "image_encoder"),
-    "seq_encoder.": ("seq_encoder", "embedding_size"),
+    "item_tower.": ("modality", "mode", "fusion", "embedding_size", "fusion_heads", "fusion_layers",
+                    "fusion_dnn_layers", "text_encoder", "image_encoder", "text_pooling", "image_pooling", "finetune"),
+    "seq_encoder.": ("seq_encoder", "embedding_size", "n_layers", "n_heads"),
 }
+MODALITY_KEYS = {"text_encoder": "text", "text_pooling": "text", "image_encoder": "image", "image_pooling": "image"}
 
 
 class TransferError(ValueError):
@@ -112,7 +116,7 @@ class PMMRec(MMSR):
             self.nicl_head = NICLProjector(self.embedding_size)
             self.nid_head = nn.Linear(self.embedding_size, 1)
         self.transferred_keys: list = []
-        if self.train_stage == "finetune":
+        if self.train_stage == "finetune" and not is_restoring_checkpoint():
             path = cfg_get(config, "pretrained_path")
             transfer = cfg_get(config, "transfer", "full")
             if transfer not in TRANSFERS:
@@ -142,7 +146,7 @@ class PMMRec(MMSR):
         if saved is not None and config is not None:
             for prefix in prefixes:
                 for key in TRANSFER_KEYS[prefix]:
-                    if key in ("text_encoder", "image_encoder") and key.split("_")[0] not in self.modality:
+                    if key in MODALITY_KEYS and MODALITY_KEYS[key] not in self.modality:
                         continue
                     if saved[key] != config[key]:
                         raise TransferError(
