@@ -91,7 +91,7 @@ def plan(epochs: list) -> list:
     return rows
 
 
-def run_all(data_root: str, epochs: list, pretrain_epochs: int, seeds: list, only=None) -> dict:
+def run_all(data_root: str, epochs: list, pretrain_epochs: int, seeds: list, only=None, content_set=None) -> dict:
     from build_genre_split import build_split
 
     split = build_split(data_root, SOURCE, TARGET)
@@ -99,19 +99,23 @@ def run_all(data_root: str, epochs: list, pretrain_epochs: int, seeds: list, onl
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         base = {**COMMON, "data_path": data_root, "checkpoint_dir": os.path.join(tmp, "saved")}
         checkpoints = {}
+        rows = [r for r in plan(epochs) if not only or r[0] in only]
+        needed = {r[3] for r in rows if r[3]}
         for kind, extra in (("all", {}), ("next", NEXT_ONLY)):
-            cfg = {**base, **PRETRAIN, **extra, "epochs": pretrain_epochs, "seed": seeds[0]}
+            if kind not in needed:
+                continue
+            cfg = {**base, **PRETRAIN, **(content_set or {}), **extra, "epochs": pretrain_epochs, "seed": seeds[0]}
             res = _one(f"pretrain {kind}", "PMMRec", SOURCE, cfg, tmp, f"pretrain-{kind}")
             checkpoints[kind] = res["checkpoint"]
             out["pretrain"][kind] = res
             print(f"pretrain ({kind}) on {SOURCE}: source test {res['test']} ({res['epochs']} epochs, "
                   f"{res['wall']:.0f} s)", flush=True)
-        for i, (label, model, cfg, needs) in enumerate(plan(epochs)):
-            if only and label not in only:
-                continue
+        for i, (label, model, cfg, needs) in enumerate(rows):
             results = []
             for seed in seeds:
                 full = {**base, **cfg, "seed": seed}
+                if model in ("MMSR", "PMMRec"):
+                    full.update(content_set or {})
                 if needs:
                     full["pretrained_path"] = checkpoints[needs]
                 results.append(_one(label, model, TARGET, full, tmp, f"row-{i}-{seed}"))
@@ -134,7 +138,20 @@ def _f(v) -> str:
 TITLE = "Transfer to a new catalogue: PMMRec and the MMSR fusions (ml-100k-mm genre split, history masked)"
 
 
-def render(res: dict, epochs: list, pretrain_epochs: int, seeds: list) -> str:
+def _extra_flags(args) -> str:
+    if args is None:
+        return ""
+    out = ""
+    if args.set:
+        out += " --set " + " ".join(args.set)
+    if args.only:
+        out += " --only " + " ".join(json.dumps(x) for x in args.only)
+    if args.section:
+        out += f" --section {json.dumps(args.section)}"
+    return out
+
+
+def render(res: dict, epochs: list, pretrain_epochs: int, seeds: list, args=None) -> str:
     import torch
 
     from _report import machine
@@ -142,12 +159,13 @@ def render(res: dict, epochs: list, pretrain_epochs: int, seeds: list) -> str:
     torch.set_num_threads(1)
     src, tgt = (", ".join(f"{c[k]} {k}" for k in ("users", "items", "interactions"))
                 for c in (res["split"]["source"]["counts"], res["split"]["target"]["counts"]))
-    pre = res["pretrain"]
+    none = {"test": None, "epochs": "-"}
+    pre = {k: res["pretrain"].get(k, none) for k in ("all", "next")}
     lines = [
         "Machine: " + machine() + ".",
         "",
         f"Command: `python benchmarks/bench_transfer.py --epochs {' '.join(map(str, epochs))} --pretrain-epochs "
-        f"{pretrain_epochs} --seeds {' '.join(map(str, seeds))}`. Source `{SOURCE}` / target `{TARGET}`: ml-100k-mm "
+        f"{pretrain_epochs} --seeds {' '.join(map(str, seeds))}{_extra_flags(args)}`. Source `{SOURCE}` / target `{TARGET}`: ml-100k-mm "
         f"split by genre into disjoint catalogues (`benchmarks/build_genre_split.py`; source: {src}; target: {tgt}). "
         "Every figure is on the target's test split: keep_last_n 23 (L 20 + 3), leave-one-out by time, full ranking, "
         "history masked, the epoch picked by valid HR@10 (at most the row's epochs). Every model in a fresh process: "
@@ -189,17 +207,23 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="where the genre split is built (default: the cache)")
     parser.add_argument("--only", nargs="*", help="labels of the target rows to run (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print the table; do not update docs/benchmarks.md")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the content models (MMSR, PMMRec, the pre-training too)")
+    parser.add_argument("--section", help="the docs/benchmarks.md section to write (default: the main one)")
     args = parser.parse_args()
+    import yaml
+
+    content_set = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     from recbole_mm.paths import cache_root
 
     data_root = args.data_root or os.path.join(cache_root(), "benchmarks", "genre-split")
-    res = run_all(data_root, sorted(args.epochs), args.pretrain_epochs, args.seeds, args.only)
-    text = render(res, sorted(args.epochs), args.pretrain_epochs, args.seeds)
+    res = run_all(data_root, sorted(args.epochs), args.pretrain_epochs, args.seeds, args.only, content_set)
+    text = render(res, sorted(args.epochs), args.pretrain_epochs, args.seeds, args)
     print(text)
     if not args.no_write:
         from _report import write_section
 
-        write_section(TITLE, text)
+        write_section(args.section or TITLE, text)
 
 
 if __name__ == "__main__":
