@@ -50,10 +50,20 @@ def tmp_pattern(path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path)), glob.escape(tmp_prefix(path)) + "*")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _mkstemp_for(path: str, suffix: str = "") -> tuple[int, str]:
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give (mkstemp makes 0600: other
+    users of a shared dataset folder could not read the sidecars)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    return tempfile.mkstemp(dir=folder, prefix=tmp_prefix(path), suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=tmp_prefix(path), suffix=suffix)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def temp_path_for(path: str, suffix: str = "") -> str:

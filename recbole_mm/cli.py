@@ -120,6 +120,10 @@ def cmd_run(args) -> int:
         )
     table = results_table(result_rows(result))
     print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
+    from recbole_mm.config import UNKNOWN_KEY_MESSAGES
+
+    for message in UNKNOWN_KEY_MESSAGES:  # the warning at the start has scrolled away by now
+        print(f"recbole-mm: warning (repeated): {message}", file=sys.stderr)
     for key, label in (("log_file", "log"), ("checkpoint_file", "checkpoint"), ("tensorboard_dir", "tensorboard")):
         if result.get(key):
             print(f"{label}: {result[key]}")

@@ -68,6 +68,7 @@ class UnknownConfigKeyWarning(UserWarning):
 _TOP_KEY = re.compile(r"^([A-Za-z_][\w\-]*)\s*:", re.M)
 _KEY_CACHE: dict = {}
 _WARNED: set = set()
+UNKNOWN_KEY_MESSAGES: list = []  # every unknown-key warning of this process, for a reminder at the end of a run
 
 
 def yaml_keys(path: str) -> set:
@@ -143,7 +144,8 @@ def warn_unknown_keys(keys: Iterable[str], source: str, model_class=None) -> lis
     for key in unknown:
         if key not in _WARNED:
             _WARNED.add(key)
-            warnings.warn(unknown_key_message(key, source, known), UnknownConfigKeyWarning, stacklevel=3)
+            UNKNOWN_KEY_MESSAGES.append(unknown_key_message(key, source, known))
+            warnings.warn(UNKNOWN_KEY_MESSAGES[-1], UnknownConfigKeyWarning, stacklevel=3)
     return unknown
 
 
@@ -177,6 +179,9 @@ def build_source_merge(data_path: str, dataset: str, sources) -> str:
     from recbole_mm.data.merge import merge_datasets
 
     if isinstance(sources, str):
+        if "," in sources:
+            raise ValueError(f"source_datasets is one string {sources!r}: give a list, e.g. "
+                             f"\"source_datasets=[{', '.join(x.strip() for x in sources.split(','))}]\"")
         sources = [sources]
     if not isinstance(sources, (list, tuple)) or not sources or not all(isinstance(x, str) for x in sources):
         raise ValueError(f"source_datasets must be a list of dataset names (folders of data_path), got {sources!r}")

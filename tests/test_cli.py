@@ -154,12 +154,15 @@ def test_unknown_key_on_the_command_line_warns(monkeypatch, capsys):
     import recbole_mm.quick_start as qs
 
     monkeypatch.setattr(config_module, "_WARNED", set())
+    monkeypatch.setattr(config_module, "UNKNOWN_KEY_MESSAGES", [])
     seen = {}
     monkeypatch.setattr(qs, "run_recbole", lambda **kw: seen.update(kw) or {"model": "MoRec"})
     assert cli(["run", "--model", "MoRec", "modalty=image", "epochs=1"]) == 0
     err = capsys.readouterr().err
     assert ("recbole-mm: warning: unknown config key 'modalty' (did you mean 'modality'?) in the command line"
             in err), err
+    # repeated after the result table, where a user looks (the first one scrolled away with the training log)
+    assert err.rstrip().splitlines()[-1].startswith("recbole-mm: warning (repeated): unknown config key 'modalty'")
     assert seen["config_dict"] == {"modalty": "image", "epochs": 1}
 
 

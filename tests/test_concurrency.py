@@ -528,3 +528,20 @@ def test_finished_store_and_features_open_without_a_lock(image_folder, reference
     ref, _, _, spec = reference_features
     assert extract.extract_features(os.path.join(tiny_root, "mm-tiny"), "mm-tiny", spec, out_path=ref,
                                     progress=False) == ref
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """Sidecars, progress files and indexes are written through temporary files: they must be readable by the
+    other users of a shared dataset folder as the .npy files are (mkstemp alone gives 0600)."""
+    from recbole_mm.atomic import atomic_pickle, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "side.json"), {"a": 1})
+        atomic_pickle(str(tmp_path / "data.pth"), [1, 2])
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("side.json", "data.pth", "plain.txt")}
+    assert modes == {"side.json": 0o644, "data.pth": 0o644, "plain.txt": 0o644}

@@ -213,10 +213,9 @@ def test_loading_weights_drops_the_cached_matrix(morec_cfg):
 
 
 def test_ce_needs_cached_features(morec_cfg):
-    config, dataset, train, valid, test, model, trainer = build(morec_cfg, mode="end2end", modality="text", loss="ce",
-                                                                finetune="bitfit")
-    with pytest.raises(ValueError, match="cached features"):
-        model.calculate_loss(next(iter(train)))
+    # refused when the model is built, before any encoder is loaded
+    with pytest.raises(ValueError, match="loss 'ce' .* mode end2end.*two_stage \\(cached features\\)"):
+        build(morec_cfg, mode="end2end", modality="text", loss="ce", finetune="bitfit")
 
 
 def test_recbole_own_run_recbole_and_checkpoint_reload(morec_cfg):

@@ -165,6 +165,9 @@ def _loss_and_grads(model, batch, seed):
     model.zero_grad()
     init_seed(seed, True)
     loss = model.calculate_loss(batch)
+    if isinstance(loss, tuple):  # pre-training: (next-item, NICL, NID, RCL), each weighted; the trainer sums them
+        assert len(loss) == 4
+        loss = sum(loss)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -357,10 +360,41 @@ def test_relative_pretrained_path_is_made_absolute(cfg, pretrained, tmp_path, mo
     assert config["pretrained_path"] == pretrained
 
 
-def test_token_fusions_refuse_the_full_softmax(cfg):
-    from recbole_mm.testing import build_run
+def test_token_fusions_refuse_the_full_softmax_before_extracting(cfg, tmp_path):
+    feats = tmp_path / "features"
+    with pytest.raises(ValueError, match="loss 'ce' .* token-level fusion 'merge_attn'"):
+        build_run("PMMRec", "mm-tiny", dict(cfg, loss="ce", features_dir=str(feats)))
+    assert not feats.exists()  # refused before any feature extraction
 
-    _, _, train, _, _, model, _ = build_run("PMMRec", "mm-tiny", dict(cfg, loss="ce"))
-    with pytest.raises(ValueError, match="loss 'ce' needs every item vector"):
-        model.calculate_loss(next(iter(train)))
+
+def test_transfer_mismatch_is_found_before_extracting(cfg, pretrained, tmp_path):
+    feats = tmp_path / "features"
+    with pytest.raises(TransferError, match="embedding_size"):
+        build_run("PMMRec", "mm-tiny", finetune_cfg(cfg, pretrained, embedding_size=32, features_dir=str(feats)))
+    assert not feats.exists()
+
+
+def test_pretrained_path_without_finetune_is_an_error(cfg, pretrained):
+    with pytest.raises(ValueError, match="pretrained_path is only read with train_stage finetune.*'scratch'"):
+        build_run("PMMRec", "mm-tiny", dict(cfg, pretrained_path=pretrained))
+
+
+def test_pretraining_reports_each_term(cfg):
+    """An epoch of pre-training returns one mean per term (next-item, NICL, NID, RCL): RecBole's trainer logs them
+    as train_loss1..4 and writes each to tensorboard; a switched-off term stays 0."""
+    _, _, train, _, _, model, trainer = build_run("PMMRec", "mm-tiny", dict(cfg, train_stage="pretrain", rcl_weight=0))
+    losses = trainer._train_epoch(train, 0)
+    assert isinstance(losses, tuple) and len(losses) == 4
+    assert all(v > 0 for v in losses[:3]) and losses[3] == 0
+    assert "train_loss1" in trainer._generate_train_loss_output(0, 0.0, 1.0, losses)
+    assert trainer.train_loss_history == [pytest.approx(sum(losses))]
+
+
+def test_features_extracted_on_first_use_do_not_change_the_initial_weights(cfg, tmp_path):
+    """A run that extracts its features first and the same run afterwards start from the same weights (the
+    extraction runs outside the model's random streams)."""
+    over = dict(cfg, features_dir=str(tmp_path / "features"), image_encoder="test_vit", image_pretrained=False)
+    first = build_run("PMMRec", "mm-tiny", over)[5].state_dict()
+    second = build_run("PMMRec", "mm-tiny", over)[5].state_dict()
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
 

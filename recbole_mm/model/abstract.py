@@ -33,7 +33,7 @@ from recbole.utils import InputType
 from recbole_mm.data.dataset import MMSequentialDataset, seq_mode_of, train_item_counts, training_user_item_keys
 from recbole_mm.model import losses
 from recbole_mm.trainer import MMTrainer
-from recbole_mm.utils import cfg_get
+from recbole_mm.utils import cfg_get, preserved_rng
 
 SEQ_MODES = ("all_position", "prefix")
 MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
@@ -124,7 +124,8 @@ class MMSequentialRecommender(SequentialRecommender):
         if modality == "image" and not os.path.isfile(
                 default_feature_path(dataset.dataset_path, spec, cfg_get(config, "features_dir"))):
             self.require_images()
-        path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
+        with preserved_rng():  # extracting on first use must not change this model's initial weights
+            path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
         features = self.content.feature_lookup(path) if kind == "tokens" else self.content.features(path)
         # this model's own record (the content object is shared by every model built on the dataset)
         self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
@@ -144,6 +145,9 @@ class MMSequentialRecommender(SequentialRecommender):
         if self.mode not in CONTENT_MODES:
             raise ValueError(f"{name} mode must be one of {CONTENT_MODES}, got {self.mode!r}")
         self.expensive_item_tower = self.mode == "end2end"
+        if self.expensive_item_tower and self.loss_name == "ce":  # refused before any encoder is loaded
+            raise ValueError(f"{name}: loss 'ce' scores every item at every step, too costly with mode end2end: use "
+                             "loss inbatch or bce, or mode two_stage (cached features)")
         return MODALITIES[self.modality]
 
     def require_images(self) -> None:

@@ -68,6 +68,10 @@ class MMSR(MMSequentialRecommender):
         self.token_towers = (is_token_fusion(self.fusion_kind) and len(modalities) > 1) or self.mode == "end2end"
         # every item through a token-level fusion at every step (loss ce) costs too much: refused like end2end
         self.expensive_item_tower = self.expensive_item_tower or self.token_towers
+        if self.loss_name == "ce" and self.token_towers and self.mode == "two_stage":
+            raise ValueError(f"loss 'ce' scores every item at every step, too costly through the token-level fusion "
+                             f"{self.fusion_kind!r}: use loss inbatch or bce, or a pooled fusion (sum, concat, film, "
+                             "gated, *_dnn)")
 
         # define layers
         towers = {m: self.build_content_tower(config, dataset, m, self.mode, self.embedding_size,

@@ -14,6 +14,7 @@ Reference:
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -24,6 +25,8 @@ from recbole_mm.model.abstract import is_restoring_checkpoint
 from recbole_mm.model.sequential_recommender.mmsr import MMSR
 from recbole_mm.registry import register_model
 from recbole_mm.utils import cfg_get
+
+logger = logging.getLogger(__name__)
 
 TRAIN_STAGES = ("pretrain", "finetune", "scratch")
 TRANSFERS = {"full": ("item_tower.", "seq_encoder."), "item_encoder": ("item_tower.",),
@@ -40,6 +43,34 @@ MODALITY_KEYS = {"text_encoder": "text", "text_pooling": "text", "image_encoder"
 
 class TransferError(ValueError):
     """A pre-trained checkpoint that does not fit the fine-tuning model (``pretrained_path`` / ``transfer``)."""
+
+
+def read_checkpoint(path: str, transfer: str, config, model_name: str) -> dict:
+    """The checkpoint at ``path``, checked against this run's config for ``transfer`` (a :class:`TransferError`
+    naming the key otherwise): done before the model builds its towers, so a mismatch costs no extraction."""
+    if not os.path.isfile(path):
+        raise TransferError(f"pretrained_path {path} does not exist")
+    try:  # the user's own RecBole checkpoint (it pickles a Config): trusted, as RecBole loads it
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TransferError(f"pretrained_path {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, dict) or checkpoint.get("state_dict") is None:
+        raise TransferError(f"pretrained_path {path} has no state_dict: give the .pth file a PMMRec run saved")
+    saved = checkpoint.get("config")
+    saved_model = saved["model"] if saved is not None else None
+    if saved_model is not None and saved_model != model_name:
+        raise TransferError(f"pretrained_path {path} is a checkpoint of {saved_model}, not of {model_name}: pre-train "
+                            f"with --model {model_name} train_stage=pretrain")
+    if saved is not None and config is not None:
+        modality = cfg_get(config, "modality", "text+image")
+        for prefix in TRANSFERS[transfer]:
+            for key in TRANSFER_KEYS[prefix]:
+                if key in MODALITY_KEYS and MODALITY_KEYS[key] not in modality:
+                    continue
+                if saved[key] != config[key]:
+                    raise TransferError(f"pretrained_path {path} was trained with {key}: {saved[key]!r}, this run has "
+                                        f"{config[key]!r}; transfer {transfer!r} needs the same {key}")
+    return checkpoint
 
 
 class NICLProjector(nn.Module):
@@ -94,6 +125,18 @@ class PMMRec(MMSR):
         self.train_stage = cfg_get(config, "train_stage", "scratch")
         if self.train_stage not in TRAIN_STAGES:
             raise ValueError(f"train_stage must be one of {TRAIN_STAGES}, got {self.train_stage!r}")
+        path, transfer = cfg_get(config, "pretrained_path"), cfg_get(config, "transfer", "full")
+        checkpoint = None
+        if self.train_stage != "finetune" and path:
+            raise ValueError(f"pretrained_path is only read with train_stage finetune (this run: train_stage "
+                             f"{self.train_stage!r}): set train_stage=finetune to transfer it, or drop pretrained_path")
+        if self.train_stage == "finetune" and not is_restoring_checkpoint():
+            if transfer not in TRANSFERS:
+                raise ValueError(f"transfer must be one of {sorted(TRANSFERS)}, got {transfer!r}")
+            if not path:
+                raise TransferError("train_stage finetune needs pretrained_path: the checkpoint (.pth) of a PMMRec "
+                                    "train_stage=pretrain run (its checkpoint_file)")
+            checkpoint = read_checkpoint(path, transfer, config, type(self).__name__)  # before any extraction
         super().__init__(config, dataset)
 
         # load parameters info
@@ -116,42 +159,20 @@ class PMMRec(MMSR):
             self.nicl_head = NICLProjector(self.embedding_size)
             self.nid_head = nn.Linear(self.embedding_size, 1)
         self.transferred_keys: list = []
-        if self.train_stage == "finetune" and not is_restoring_checkpoint():
-            path = cfg_get(config, "pretrained_path")
-            transfer = cfg_get(config, "transfer", "full")
-            if transfer not in TRANSFERS:
-                raise ValueError(f"transfer must be one of {sorted(TRANSFERS)}, got {transfer!r}")
-            if not path:
-                raise TransferError("train_stage finetune needs pretrained_path: the checkpoint (.pth) of a PMMRec "
-                                    "train_stage=pretrain run (its checkpoint_file)")
-            self.load_pretrained(path, transfer, config)
+        if checkpoint is not None:
+            self.load_pretrained(path, transfer, checkpoint=checkpoint)
+            if int(cfg_get(config, "epochs", 1)) == 0 and transfer != "full":
+                logger.warning(f"epochs: 0 evaluates the model as transferred, but transfer {transfer!r} leaves the "
+                               f"{'user' if transfer == 'item_encoder' else 'item'} encoder untrained: zero-shot "
+                               "needs transfer full")
 
     # ------------------------------------------------------------- transfer
-    def load_pretrained(self, path: str, transfer: str, config=None) -> list:
+    def load_pretrained(self, path: str, transfer: str, config=None, checkpoint=None) -> list:
         """Load the ``transfer`` part of the checkpoint at ``path`` (module docstring); returns the loaded keys."""
-        if not os.path.isfile(path):
-            raise TransferError(f"pretrained_path {path} does not exist")
-        try:  # the user's own RecBole checkpoint (it pickles a Config): trusted, as RecBole loads it
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise TransferError(f"pretrained_path {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-        if state is None:
-            raise TransferError(f"pretrained_path {path} has no state_dict: give the .pth file a PMMRec run saved")
-        saved = checkpoint.get("config")
-        saved_model = saved["model"] if saved is not None else None
-        if saved_model is not None and saved_model != type(self).__name__:
-            raise TransferError(f"pretrained_path {path} is a checkpoint of {saved_model}, not of {type(self).__name__}")
+        if checkpoint is None:
+            checkpoint = read_checkpoint(path, transfer, config, type(self).__name__)
+        state = checkpoint["state_dict"]
         prefixes = TRANSFERS[transfer]
-        if saved is not None and config is not None:
-            for prefix in prefixes:
-                for key in TRANSFER_KEYS[prefix]:
-                    if key in MODALITY_KEYS and MODALITY_KEYS[key] not in self.modality:
-                        continue
-                    if saved[key] != config[key]:
-                        raise TransferError(
-                            f"pretrained_path {path} was trained with {key}: {saved[key]!r}, this run has "
-                            f"{config[key]!r}; transfer {transfer!r} needs the same {key}")
         own = self.state_dict()
         wanted = [k for k in own if k.startswith(prefixes)]
         missing = [k for k in wanted if k not in state]
@@ -165,10 +186,16 @@ class PMMRec(MMSR):
         own.update({k: state[k] for k in wanted})
         self.load_state_dict(own)
         self.transferred_keys = wanted
+        fresh = [k for k in own if k not in set(wanted)]
+        logger.info(f"{type(self).__name__}: transfer {transfer!r} loaded {len(wanted)} tensors "
+                    f"({', '.join(p + '*' for p in prefixes)}) from {path}; {len(fresh)} start anew"
+                    + (f" ({', '.join(sorted({k.split('.')[0] + '.*' for k in fresh}))})" if fresh else ""))
         return wanted
 
     # ----------------------------------------------------------------- loss
     def calculate_loss(self, interaction):
+        """Scratch / finetune: the next-item loss. Pretrain: the weighted terms ``(next-item, NICL, NID, RCL)`` as a
+        tuple (RecBole's trainer sums them and logs each as ``train_loss1..4``; a switched-off term is 0)."""
         if self.train_stage != "pretrain":
             return super().calculate_loss(interaction)
         if self.loss_name == "ce":
@@ -178,24 +205,25 @@ class PMMRec(MMSR):
         noised, labels = (pretrain_losses.corrupt_sequences(seq, lengths, self.n_items, self.nid_rate,
                                                             self.nid_replace_share) if noisy else (None, None))
         b = self.loss_inputs(interaction, extra_ids=noised, with_modalities=self.nicl_alpha > 0)
-        loss = (1.0 - self.nicl_alpha) * self.recommendation_loss(b)
+        zero = torch.zeros((), device=seq.device)
+        nicl = nid = rcl = zero
         if self.nicl_alpha > 0:
             text, image = (self._project(v, b["uniq"]) for v in b["modalities"])
             window = b["inverse"][:, : b["full"].shape[1]]
-            loss = loss + self.nicl_alpha * pretrain_losses.nicl_loss(
+            nicl = self.nicl_alpha * pretrain_losses.nicl_loss(
                 text[window], image[window], b["full"], self.nicl_temperature, self.nicl_symmetric, b["users"])
+        next_item = (1.0 - self.nicl_alpha) * self.recommendation_loss(b)
         if noisy:
             noised_states = self.user_states(noised, lengths, b["uniq_vecs"][b["extra_inverse"]])
             if self.nid_weight > 0:
                 valid = torch.arange(seq.shape[1], device=seq.device)[None, :] < lengths[:, None]
                 logits = self.nid_head(noised_states).squeeze(-1)
-                loss = loss + self.nid_weight * pretrain_losses.nid_loss(logits, labels, valid)
+                nid = self.nid_weight * pretrain_losses.nid_loss(logits, labels, valid)
             if self.rcl_weight > 0:
                 clean = self.gather_indexes(b["states"], lengths - 1)
                 noisy_user = self.gather_indexes(noised_states, lengths - 1)
-                loss = loss + self.rcl_weight * pretrain_losses.rcl_loss(clean, noisy_user, self.rcl_temperature,
-                                                                         b["users"])
-        return loss
+                rcl = self.rcl_weight * pretrain_losses.rcl_loss(clean, noisy_user, self.rcl_temperature, b["users"])
+        return next_item, nicl, nid, rcl
 
     def _project(self, vecs: torch.Tensor, uniq: torch.Tensor) -> torch.Tensor:
         """NICL's projector over the real items (the padding row stays zero and out of BatchNorm's statistics)."""
