@@ -1,4 +1,4 @@
-"""``recbole-mm``: run | tune | extract | convert | models | info.
+"""``recbole-mm``: run | tune | extract | convert | models | info | tpme.
 
 Every command defaults to the embedded dataset ``ml-100k-mm`` (built on first use). ``key=value`` arguments
 override config keys (values are parsed as YAML: ``epochs=5``, ``text_fields=[title,genres]``); an unknown key
@@ -93,6 +93,29 @@ def results_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _params(v) -> str:
+    return "-" if v is None else f"{int(v):,}"
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(float(v), fmt)
+
+
+def efficiency_table(result: dict) -> str:
+    """Markdown table of a run's efficiency record (``result["efficiency"]``; empty without one)."""
+    eff = result.get("efficiency")
+    if not eff:
+        return ""
+    kind = eff.get("memory_kind") or "memory"
+    return "\n".join([
+        f"| s / epoch | s / evaluation | peak memory MiB ({kind}) | increase in fit MiB | trainable params | total params |",
+        "|---|---|---|---|---|---|",
+        f"| {_num(eff.get('seconds_per_epoch'), '.3f')} | {_num(eff.get('seconds_per_eval'), '.3f')} "
+        f"| {_num(eff.get('peak_memory_mib'), '.1f')} | {_num(eff.get('peak_memory_increase_mib'), '+.1f')} "
+        f"| {_params(eff.get('trainable_params'))} | {_params(eff.get('total_params'))} |",
+    ])
+
+
 # --------------------------------------------------------------------------- run
 def _config_dict(args) -> dict:
     """The command's ``key=value`` overrides (unknown keys warn, naming the command line), plus ``--data-path``."""
@@ -120,6 +143,8 @@ def cmd_run(args) -> int:
         )
     table = results_table(result_rows(result))
     print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
+    if result.get("efficiency"):
+        print(f"{efficiency_table(result)}\n")
     from recbole_mm.config import UNKNOWN_KEY_MESSAGES
 
     for message in UNKNOWN_KEY_MESSAGES:  # the warning at the start has scrolled away by now
@@ -199,6 +224,8 @@ def cmd_tune(args) -> int:
     lines = [f"# Tuning {args.model} on {args.dataset}", "", f"algo: {args.algo}; trials: {len(tuner.params2result)}", ""]
     for params, res in tuner.params2result.items():
         lines += [f"## {params}", "", results_table(result_rows(res)), ""]
+        if res.get("efficiency"):
+            lines += [efficiency_table(res), ""]
     lines += [f"best: {tuner.params2str(tuner.best_params)} (valid score {tuner.best_score:.4f})", ""]
     with open(output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -309,6 +336,79 @@ def cmd_convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+# -------------------------------------------------------------------------- tpme
+TPME_WEIGHTS = (0.45, 0.1, 0.45)  # time, trainable parameters, memory: the IISAN paper's alpha1, alpha2, alpha3
+TPME_KEYS = ("seconds_per_epoch", "trainable_params", "peak_memory_mib")
+
+
+def tpme(runs: list, weights=TPME_WEIGHTS) -> list:
+    """TPME of each run (IISAN, Fu et al. SIGIR 2024): every figure of ``runs`` (``(time, params, memory)`` tuples)
+    min-max normalised over the runs, then ``a1 * t + a2 * p + a3 * m``. Lower is better; a figure equal in every
+    run normalises to 0."""
+
+    def normalised(values):
+        lo, hi = min(values), max(values)
+        return [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in values]
+
+    columns = [normalised([float(run[i]) for run in runs]) for i in range(3)]
+    return [sum(w * col[k] for w, col in zip(weights, columns)) for k in range(len(runs))]
+
+
+def _read_run(path: str) -> dict:
+    """A result file of ``recbole-mm run -o FILE.json`` with a complete efficiency record."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} is not a run result (not JSON: {e}); give files written by recbole-mm run -o FILE.json") from e
+    if not isinstance(result, dict) or "model" not in result or "test_result" not in result:
+        raise ValueError(f"{path!r} is not a run result (no 'model' / 'test_result'); give files written by "
+                         "recbole-mm run -o FILE.json")
+    eff = result.get("efficiency")
+    missing = [k for k in TPME_KEYS if not isinstance(eff, dict) or eff.get(k) is None]
+    if missing:
+        raise ValueError(f"{path!r} lacks the efficiency keys {', '.join(missing)} (a run before efficiency records, "
+                         "or epochs: 0); re-run it with recbole-mm run -o FILE.json")
+    return result
+
+
+def cmd_tpme(args) -> int:
+    weights = (args.time_weight, args.params_weight, args.memory_weight)
+    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"the TPME weights must be >= 0 and sum to 1, got --time-weight {weights[0]} "
+                         f"--params-weight {weights[1]} --memory-weight {weights[2]}")
+    if len(args.runs) < 2:
+        raise ValueError("TPME compares runs with each other (min-max over the set): give at least two run files")
+    memory_key = "peak_memory_mib" if args.memory == "peak" else "peak_memory_increase_mib"
+    results = [_read_run(path) for path in args.runs]
+    for path, res in zip(args.runs, results):
+        if res["efficiency"].get(memory_key) is None:
+            raise ValueError(f"{path!r} lacks the efficiency key {memory_key}; re-run it with recbole-mm run -o FILE.json")
+    effs = [res["efficiency"] for res in results]
+    scores = tpme([(e["seconds_per_epoch"], e["trainable_params"], e[memory_key]) for e in effs], weights)
+    metric = args.metric.lower()
+    split_key = "test_result" if args.split == "test" else "best_valid_result"
+    kinds = {e.get("memory_kind") for e in effs}
+    memory_label = "peak memory MiB" if args.memory == "peak" else "memory increase MiB"
+    lines = [f"| run | model | s / epoch | {memory_label} ({', '.join(sorted(k for k in kinds if k))}) | "
+             f"trainable params | {metric} ({args.split}) | TPME |", "|---|---|---|---|---|---|---|"]
+    for path, res, eff, score in zip(args.runs, results, effs, scores):
+        name = os.path.splitext(os.path.basename(path))[0]
+        value = (res.get(split_key) or {}).get(metric)
+        lines.append(f"| {name} | {res['model']} | {_num(eff['seconds_per_epoch'], '.3f')} | "
+                     f"{_num(eff[memory_key], '.1f')} | {_params(eff['trainable_params'])} | "
+                     f"{_num(value, '.4f')} | {score:.4f} |")
+    print("\n".join(lines))
+    print(f"\nTPME = {weights[0]:g} * time + {weights[1]:g} * params + {weights[2]:g} * memory, each min-max normalised "
+          "over these runs; lower is better.")
+    if len(kinds) > 1:
+        print("recbole-mm tpme: warning: the runs measured memory differently (CPU RSS and CUDA allocated): "
+              "their memory figures do not compare", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 DATA_PATH_HELP = "folder holding <dataset>/ (same as data_path=DIR; default: config data_path, ./dataset)"
 
@@ -316,7 +416,7 @@ DATA_PATH_HELP = "folder holding <dataset>/ (same as data_path=DIR; default: con
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbole-mm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,tune,extract,convert,models,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,tune,extract,convert,models,info,tpme}")
 
     def common(sp, with_model=True, model_help="model name"):
         if with_model:
@@ -390,6 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(i, with_model=False)
     i.add_argument("--verify", action="store_true", help="also verify feature checksums (reads every file)")
     i.set_defaults(func=cmd_info)
+
+    w = sub.add_parser("tpme", help="TPME efficiency score of several runs (IISAN's time / params / memory metric)",
+                       description="TPME (IISAN, SIGIR 2024) over run result files written by 'recbole-mm run -o "
+                                   "FILE.json': seconds per epoch, trainable parameters and peak memory, each min-max "
+                                   "normalised over the runs, weighted and summed. Lower is better.")
+    w.add_argument("runs", nargs="+", metavar="RUN.json", help="result files of recbole-mm run -o (at least two)")
+    w.add_argument("--time-weight", type=float, default=TPME_WEIGHTS[0], help="alpha1, time per epoch (default 0.45)")
+    w.add_argument("--params-weight", type=float, default=TPME_WEIGHTS[1],
+                   help="alpha2, trainable parameters (default 0.1)")
+    w.add_argument("--memory-weight", type=float, default=TPME_WEIGHTS[2], help="alpha3, peak memory (default 0.45)")
+    w.add_argument("--memory", default="peak", choices=["peak", "increase"],
+                   help="peak: peak memory during fit (default); increase: its rise over the fit start")
+    w.add_argument("--metric", default="ndcg@10", help="accuracy column shown next to TPME (default ndcg@10)")
+    w.add_argument("--split", default="test", choices=["test", "valid"], help="split of that metric (default test)")
+    debug(w)
+    w.set_defaults(func=cmd_tpme)
     return p
 
 

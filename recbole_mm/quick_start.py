@@ -8,8 +8,8 @@ Differences from ``recbole.quick_start`` (all additive):
 - ``objective_function`` reports to Ray Tune only inside a Ray session (RecBole logs a stack trace otherwise,
   RecBole#1741) and returns RecBole 1.2.1's dict with ``"model"``;
 - the result dict of ``run_recbole`` also carries ``"cold_test_result"`` when the model computes cold-item
-  metrics, plus where the log, checkpoint and tensorboard files went (``"log_file"``, ``"checkpoint_file"``,
-  ``"tensorboard_dir"``);
+  metrics, the run's ``"efficiency"`` record (seconds per epoch, peak memory, trainable / total parameters), plus
+  where the log, checkpoint and tensorboard files went (``"log_file"``, ``"checkpoint_file"``, ``"tensorboard_dir"``);
 - checkpoints are loaded with an explicit ``weights_only=False``: they are the user's own (RecBole pickles the
   Config inside them); the unpickled Config gets RecBole's numpy settings (``np.float`` ...), which RecBole
   applies only when a Config is constructed, so evaluating a reloaded model works in a new process;
@@ -67,11 +67,12 @@ def _log_file(logger) -> str | None:
 
 EXTRA_RESULT_KEYS = ("cold_valid_result", "cold_test_result", "new_valid_result", "new_test_result",
                      "cold_threshold_used", "valid_rows", "test_rows", "train_loss_history", "valid_score_history", "valid_epoch_history",
-                     "epoch_seconds", "eval_seconds")
+                     "epoch_seconds", "eval_seconds", "efficiency")
 
 
 def trainer_extras(trainer) -> dict:
-    """What MMTrainer adds to RecBole's result dict: cold / new item results, histories and timings."""
+    """What MMTrainer adds to RecBole's result dict: cold / new item results, histories, timings and the efficiency
+    record (``MMTrainer.efficiency``: seconds per epoch / evaluation, peak memory, trainable / total parameters)."""
     return {key: getattr(trainer, key) for key in EXTRA_RESULT_KEYS if getattr(trainer, key, None) is not None}
 
 
@@ -80,8 +81,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (RecBole's
-        keys), plus ``model``, ``cold_test_result`` (when the model reports cold-item metrics), ``log_file``,
-        ``checkpoint_file`` and ``tensorboard_dir``.
+        keys), plus ``model``, ``cold_test_result`` (when the model reports cold-item metrics), ``efficiency``
+        (``MMTrainer.efficiency``), ``log_file``, ``checkpoint_file`` and ``tensorboard_dir``.
     """
     configure_threads()
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)

@@ -103,6 +103,18 @@ def test_user_encoders(mmsr_cfg, seq_encoder):
     assert torch.isfinite(loss) and grads_of(model.seq_encoder) > 0
 
 
+def test_end_to_end_token_towers_with_lora(mmsr_cfg):
+    cfg = dict(mmsr_cfg, fusion="co_att", mode="end2end", finetune="lora", lora_r=2, loss="inbatch")
+    _, _, train, _, _, model, _ = build_run("MMSR", "mm-tiny", cfg)
+    model.train()
+    model.calculate_loss(one_batch(train)).backward()
+    named = dict(model.named_parameters())
+    lora = [n for n in named if "lora_" in n and n.startswith("item_tower.towers.text.")]
+    base = [n for n in named if n.startswith("item_tower.towers.text.encoder.") and "lora_" not in n]
+    assert lora and all(named[n].grad is not None for n in lora)  # adapters learn through the token tower
+    assert all(not named[n].requires_grad for n in base)  # the encoder's own weights stay frozen
+
+
 def test_end_to_end_token_towers_train_the_top_block(mmsr_cfg):
     cfg = dict(mmsr_cfg, fusion="merge_attn", mode="end2end", finetune="top_k", finetune_top_k=1,
                image_encoder="test_vit", modality="text+image", loss="inbatch")

@@ -12,13 +12,18 @@
   rate and weight decay) in the one optimizer RecBole builds;
 - AMP only when it can help: ``enable_amp`` is honoured on CUDA (with a GradScaler) and ignored on the CPU;
 - metering: seconds per training epoch and per evaluation, the loss and valid-score history, and a
-  training-curve plot (``plot_training_curve``).
+  training-curve plot (``plot_training_curve``);
+- an efficiency record of every fit (``efficiency``, logged in one line when fit ends): time per epoch and per
+  evaluation, peak memory during fit (RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and the
+  trainable / total parameter counts (keys in :attr:`MMTrainer.efficiency`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 
 import numpy as np
@@ -27,12 +32,120 @@ from recbole.data.interaction import Interaction  # noqa: F401  (re-exported for
 from recbole.evaluator import Collector
 from recbole.evaluator.collector import DataStruct
 from recbole.trainer import Trainer
-from recbole.utils import ModelType
+from recbole.utils import ModelType, set_color
 
 from recbole_mm.data.protocol import item_groups
 from recbole_mm.utils import cfg_get
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 GROUPS = ("cold", "new")
+MIB = 2 ** 20
+
+
+def _rss_reader():
+    """A function giving the process's resident set size in bytes now: ``/proc/self/statm`` (Linux), else psutil
+    when it is installed, else ``None``."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm", "rb") as f:
+            int(f.read().split()[1])
+
+        def statm():
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * page
+
+        return statm
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        process = psutil.Process()
+        return lambda: process.memory_info().rss
+    except Exception:
+        return lambda: None
+
+
+def max_rss_bytes():
+    """``getrusage`` ``ru_maxrss``: the process's RSS high-water mark since it started, in bytes (``None`` without
+    the ``resource`` module)."""
+    if resource is None:
+        return None
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value if sys.platform == "darwin" else value * 1024  # KiB on Linux, bytes on macOS
+
+
+class MemoryMeter:
+    """Peak memory between ``start()`` and ``stop()``.
+
+    CPU: RSS sampled every ``interval`` seconds by a daemon thread (one read of ``/proc/self/statm``), plus
+    ``ru_maxrss``: when the process's high-water mark rose during the stretch, that mark is its exact peak (a
+    short-lived allocation between two samples included); when it did not (the process peaked higher before), the
+    samples give the peak. CUDA (``device`` of type cuda): ``torch.cuda.max_memory_allocated`` after
+    ``reset_peak_memory_stats`` at start.
+    """
+
+    interval = 0.01
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._rss = _rss_reader()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        self.rss_start = self._rss()
+        self.max_rss_start = max_rss_bytes()
+        self.peak_rss = self.rss_start
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.cuda_start = torch.cuda.memory_allocated(self.device)
+        if self.rss_start is not None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="recbole_mm-memory-meter", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        rss = self._rss()
+        if rss is not None and (self.peak_rss is None or rss > self.peak_rss):
+            self.peak_rss = rss
+
+    def stop(self) -> dict:
+        """``peak_memory_mib``, ``peak_memory_increase_mib``, ``memory_kind``, ``max_rss_mib`` (module doc)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.sample()
+        max_rss = max_rss_bytes()
+        peak_rss = self.peak_rss
+        if max_rss is not None and self.max_rss_start is not None and max_rss > self.max_rss_start:
+            peak_rss = max(peak_rss or 0, max_rss)  # a new high-water mark: set during this stretch
+        out = {"max_rss_mib": max_rss / MIB if max_rss is not None else None}
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            out.update(memory_kind="cuda_allocated", peak_memory_mib=peak / MIB,
+                       peak_memory_increase_mib=(peak - self.cuda_start) / MIB)
+        else:
+            known = peak_rss is not None and self.rss_start is not None
+            out.update(memory_kind="cpu_rss", peak_memory_mib=peak_rss / MIB if peak_rss is not None else None,
+                       peak_memory_increase_mib=(peak_rss - self.rss_start) / MIB if known else None)
+        return out
+
+
+def parameter_counts(model) -> tuple:
+    """``(trainable, total)`` numbers of parameter elements (shared parameters counted once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 class GroupCollector(Collector):
@@ -103,6 +216,8 @@ class MMTrainer(Trainer):
         self._last_groups: dict = {}
         self._last_rows = None
         self._in_fit = False
+        self._fit_memory = None
+        self._fit_seconds = None
 
     def _build_optimizer(self, **kwargs):
         groups_fn = getattr(self.model, "optimizer_groups", None)
@@ -114,6 +229,9 @@ class MMTrainer(Trainer):
     # ------------------------------------------------------------------ fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._set_item_groups(train_data._dataset, is_train_split=True)
+        meter = MemoryMeter(self.device)
+        meter.start()
+        start = time.perf_counter()
         self._in_fit = True
         try:
             if self.epochs <= self.start_epoch:  # epochs: 0 -> the model as built (e.g. transferred: zero-shot)
@@ -122,11 +240,43 @@ class MMTrainer(Trainer):
                 result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         finally:
             self._in_fit = False
+            self._fit_seconds = time.perf_counter() - start
+            self._fit_memory = meter.stop()
+        self.logger.info(set_color("efficiency", "blue") + ": " + efficiency_line(self.efficiency))
         best = next((g for v, g in self._valid_pairs if v is self.best_valid_result), {})
         for group in GROUPS:
             setattr(self, f"{group}_valid_result", best.get(group))
         self.valid_rows = best.get("rows")
         return result
+
+    @property
+    def efficiency(self):
+        """The efficiency record of the last ``fit`` (``None`` before one), a dict:
+
+        - ``seconds_per_epoch``: mean wall seconds of a training epoch (validation excluded; ``None`` with
+          ``epochs: 0``), over ``train_epochs`` epochs; ``fit_seconds``: the whole fit, validation included;
+        - ``seconds_per_eval``: mean wall seconds of an evaluation pass (the validations, and the test once run);
+        - ``peak_memory_mib``: peak memory during fit; ``memory_kind`` says which: ``cpu_rss`` (the process's RSS)
+          or ``cuda_allocated`` (``torch.cuda.max_memory_allocated``); ``peak_memory_increase_mib``: the same minus
+          the figure at fit start (what the training itself added: activations, gradients, optimizer state);
+        - ``max_rss_mib``: ``ru_maxrss`` at fit end, the process's RSS high-water mark since it started (it also
+          covers what ran before the fit: dataset build, feature extraction);
+        - ``trainable_params`` / ``total_params``: parameter elements with ``requires_grad`` / all of them
+          (buffers, e.g. frozen feature tables held as buffers, are not parameters).
+        """
+        if self._fit_memory is None:
+            return None
+        trainable, total = parameter_counts(self.model)
+        return {
+            "seconds_per_epoch": float(np.mean(self.epoch_seconds)) if self.epoch_seconds else None,
+            "train_epochs": len(self.epoch_seconds),
+            "seconds_per_eval": float(np.mean(self.eval_seconds)) if self.eval_seconds else None,
+            "fit_seconds": self._fit_seconds,
+            **self._fit_memory,
+            "trainable_params": trainable,
+            "total_params": total,
+            "device": str(self.device),
+        }
 
     def _fit_without_training(self, valid_data, verbose: bool, saved: bool, show_progress: bool):
         """``epochs: 0``: validate the model as it is and save it, so that the run reports a valid result and
@@ -248,6 +398,19 @@ class MMTraditionalTrainer(MMTrainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.epochs = 1
+
+
+def efficiency_line(eff: dict) -> str:
+    """One line for the log: ``1.23 s / epoch, 0.45 s / evaluation, peak memory 812.3 MiB (cpu_rss; +120.5 MiB in
+    fit), params 12,345 trainable / 67,890 total``."""
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return (f"{num(eff['seconds_per_epoch'], '.3f')} s / epoch, {num(eff['seconds_per_eval'], '.3f')} s / evaluation, "
+            f"peak memory {num(eff['peak_memory_mib'], '.1f')} MiB ({eff['memory_kind']}; "
+            f"{num(eff['peak_memory_increase_mib'], '+.1f')} MiB in fit), "
+            f"params {eff['trainable_params']:,} trainable / {eff['total_params']:,} total")
 
 
 def plot_training_curve(path: str, train_loss: list, valid_scores: list, valid_epochs: list, title: str = "",
