@@ -271,6 +271,8 @@ def cmd_extract(args) -> int:
         overrides["text_fields"] = args.text_fields.split(",")
     if args.image_size:
         overrides["image_size"] = args.image_size
+    if args.tap_pooling:
+        overrides["tap_pooling"] = args.tap_pooling
     config = _dataset_config(args, overrides)
     ensure_dataset_folder(config)
     taps, kind = _parse_taps(args.taps)
@@ -460,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--encoder", help="HF id / local folder (text, image) or timm name (image); default from config")
     e.add_argument("--pooling", help="text: cls|mean|last|pooler; image: default|cls|mean")
     e.add_argument("--taps", help="'all' or comma-separated hidden-state indices (per-layer outputs)")
+    e.add_argument("--tap-pooling", choices=["cls", "mean", "masked_mean", "last"],
+                   help="text taps: how each hidden state is pooled (default: mean for decoder LLMs, else cls)")
     e.add_argument("--kind", choices=["pooled", "taps", "tokens"],
                    help="pooled: one vector per item (default); taps: one per hidden state (--taps picks them); "
                         "tokens: token states [n, T, d] (MMSR / PMMRec token-level fusions)")

@@ -60,6 +60,7 @@ class ExtractSpec:
     image_mean: Optional[list] = None  # image: normalisation (None: the encoder's own)
     image_std: Optional[list] = None  # image
     dtype: str = "float32"
+    tap_pooling: Optional[str] = None  # text taps: cls | mean (padding included) | masked_mean | last
 
     def __post_init__(self):
         if self.modality == "text":
@@ -77,6 +78,8 @@ class ExtractSpec:
         parts = [self.modality, self.pooling]
         if self.kind == "taps":
             parts.append("taps" if self.taps is None else "taps" + "_".join(map(str, self.taps)))
+            if self.modality == "text" and self.tap_pooling:
+                parts.append(f"tp{self.tap_pooling}")
         elif self.kind == "tokens":
             parts.append("tokens")
         if self.modality == "text":
@@ -99,6 +102,8 @@ class ExtractSpec:
         s = asdict(self)
         for k in ("modality", "encoder", "pooling", "kind", "taps"):
             s.pop(k)
+        if self.kind != "taps" or self.modality != "text":
+            s.pop("tap_pooling")
         if self.modality == "text":
             for k in ("image_size", "image_pretrained", "image_weights", "image_mean", "image_std"):
                 s.pop(k)
@@ -126,7 +131,8 @@ def build_encoder(spec: ExtractSpec):
     if spec.modality == "text":
         from recbole_mm.encoders.text import TextEncoder
 
-        return TextEncoder(spec.encoder, pooling=spec.pooling, output=output, taps=spec.taps, normalize=spec.normalize)
+        return TextEncoder(spec.encoder, pooling=spec.pooling, output=output, taps=spec.taps, normalize=spec.normalize,
+                           tap_pooling=spec.tap_pooling if spec.kind == "taps" else None)
     if spec.modality == "image":
         from recbole_mm.encoders.image import ImageEncoder
 
@@ -171,8 +177,8 @@ class _Inputs:
     def batch(self, lo: int, hi: int):
         if self.spec.modality == "text":
             ids, mask = self.ids[lo:hi], self.mask[lo:hi]
-            if self.spec.kind == "tokens":  # token states keep every position
-                return (ids, mask)
+            if self.spec.kind == "tokens" or (self.spec.kind == "taps" and self.spec.tap_pooling == "mean"):
+                return (ids, mask)  # token states / a mean over every position: the fixed width, not the batch's
             width = max(int(mask.sum(1).max().item()), 1)  # trim padding shared by the whole batch
             return (ids[:, :width], mask[:, :width])
         return (self.store.read(self.rows[lo:hi]),)
@@ -407,13 +413,20 @@ def merge_shards(out_path: str, n: int) -> str:
 
 
 def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> ExtractSpec:
-    """An :class:`ExtractSpec` from a run's config keys (``text_encoder``, ``text_pooling``, ...)."""
+    """An :class:`ExtractSpec` from a run's config keys (``text_encoder``, ``text_pooling``, ...). Text taps pool
+    by ``tap_pooling``, by default the original IISAN's for the encoder (mean for decoder LLMs, else CLS)."""
 
     def get(key, default=None):
         return cfg_get(config, key, default)
 
     if modality == "text":
+        tap_pooling = None
+        if kind == "taps":
+            from recbole_mm.encoders.text import default_tap_pooling
+
+            tap_pooling = get("tap_pooling") or default_tap_pooling(get("text_encoder", "all-MiniLM-L6-v2"))
         return ExtractSpec(
+            tap_pooling=tap_pooling,
             modality="text",
             encoder=get("text_encoder", "all-MiniLM-L6-v2"),
             pooling=get("text_pooling", "mean"),

@@ -158,3 +158,41 @@ def test_float16_overflow_is_an_error_not_inf(tiny_root, spec, tmp_path, monkeyp
     full = ExtractSpec(**{**spec.__dict__, "kind": "tokens", "dtype": "float32"})
     path = extract_features(folder, "mm-tiny", full, out_path=str(tmp_path / "t32.npy"), progress=False)
     assert np.isfinite(np.load(path)).all()
+
+
+@pytest.mark.parametrize("arch, default", [("bert", "cls"), ("llama", "mean")])
+def test_text_tap_pooling_default_and_values(tiny_root, tmp_path, arch, default, capsys):
+    """Text taps pool each hidden state as the original IISAN does by default (CLS for BERT-like encoders, a mean
+    over every position up to the fixed length, padding included, for decoder LLMs); each tap_pooling value is
+    checked against the hidden states computed here."""
+    import torch
+
+    from recbole_mm.data.content import ItemContent
+    from recbole_mm.encoders.text import TextEncoder, default_tap_pooling
+    from recbole_mm.testing import make_tiny_text_encoder
+
+    enc_dir = make_tiny_text_encoder(str(tmp_path / arch), arch)
+    assert default_tap_pooling(enc_dir) == default
+    folder = os.path.join(tiny_root, "mm-tiny")
+    base = ["extract", "--dataset", "mm-tiny", "--data-path", tiny_root, "--modality", "text", "--encoder", enc_dir,
+            "--taps", "0,2", "--max-length", "40", "--text-fields", "title", "--no-progress"]
+    tokens = catalogue_tokens(folder, "mm-tiny")[:5]
+    content = ItemContent(["[PAD]"] + tokens, folder, "mm-tiny", {"text_fields": ["title"]})
+    model = TextEncoder(enc_dir, output="taps").eval()
+    ids, mask = content.tokenize(model.tokenizer, 40, ["title"])  # longer than any title: padding in every row
+    with torch.no_grad():
+        states = model.model(input_ids=ids[1:], attention_mask=mask[1:], output_hidden_states=True).hidden_states
+    m = mask[1:].unsqueeze(-1).float()
+    expected = {
+        "cls": [states[t][:, 0] for t in (0, 2)],
+        "mean": [states[t].mean(1) for t in (0, 2)],  # padding positions included
+        "masked_mean": [(states[t] * m).sum(1) / m.sum(1) for t in (0, 2)],
+    }
+    for pooling, want in [(None, expected[default])] + [(p, expected[p]) for p in expected]:
+        assert cli(base + ([] if pooling is None else ["--tap-pooling", pooling])) == 0
+        path = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"tp{pooling or default}" in os.path.basename(path)
+        array, side = ff.open_features(path)
+        rows = [side["tokens"].index(t) for t in tokens]
+        got = torch.from_numpy(np.asarray(array[rows]))
+        assert torch.allclose(got, torch.stack(want, 1), atol=1e-5), pooling

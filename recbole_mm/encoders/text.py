@@ -21,6 +21,20 @@ from torch import nn
 from recbole_mm.encoders.hub import quiet_loading, resolve_hf_path
 
 TEXT_POOLINGS = ("cls", "mean", "last", "pooler")
+# Per-layer taps (IISAN): "mean" averages every position up to the fixed text length, padding included (the
+# original's mean for decoder LLMs); "masked_mean" the real tokens only.
+TAP_POOLINGS = ("cls", "mean", "masked_mean", "last")
+DECODER_FAMILIES = ("llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "phi", "phi3", "gpt2", "gpt_neox",
+                    "opt", "falcon", "bloom")
+
+
+def default_tap_pooling(name: str) -> str:
+    """The original IISAN's tap pooling for an encoder: ``mean`` (padding included) for decoder LLMs, ``cls``
+    for BERT-like encoders."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve_hf_path(name), local_files_only=True)
+    return "mean" if cfg.model_type in DECODER_FAMILIES else "cls"
 
 
 def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -33,6 +47,10 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     if pooling == "last":
         last = mask.long().sum(1).clamp(min=1) - 1
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    if pooling == "masked_mean":
+        return pool_tokens(hidden, mask, "mean")
+    if pooling == "all_mean":  # every position, padding included
+        return hidden.mean(1)
     raise ValueError(f"unknown text pooling {pooling!r}; choose from {TEXT_POOLINGS}")
 
 
@@ -79,6 +97,7 @@ class TextEncoder(nn.Module):
         output: str = "pooled",
         taps: Optional[Sequence[int]] = None,
         normalize: bool = False,
+        tap_pooling: Optional[str] = None,
     ):
         super().__init__()
         if pooling not in TEXT_POOLINGS:
@@ -91,6 +110,9 @@ class TextEncoder(nn.Module):
         self.tokenizer = load_tokenizer(name)
         self.pooling = pooling
         self.output = output
+        if tap_pooling is not None and tap_pooling not in TAP_POOLINGS:
+            raise ValueError(f"unknown tap_pooling {tap_pooling!r}; choose from {TAP_POOLINGS}")
+        self.tap_pooling = tap_pooling
         self.normalize = normalize
         n_states = self.num_hidden_layers + 1
         self.taps = list(range(n_states)) if taps is None else [int(t) for t in taps]
@@ -125,6 +147,8 @@ class TextEncoder(nn.Module):
         return nn.functional.normalize(vec, dim=-1) if self.normalize else vec
 
     def _token_pooling(self) -> str:
+        if self.tap_pooling is not None:
+            return "all_mean" if self.tap_pooling == "mean" else self.tap_pooling
         return "cls" if self.pooling == "pooler" else self.pooling
 
     def unused_parameter_prefixes(self) -> list[str]:
