@@ -191,7 +191,12 @@ class ImageEncoder(nn.Module):
             finally:
                 for h in hooks:
                     h.remove()
-        return torch.stack([self._pool(states[t]) for t in self.taps], 1)
+        pooled = [self._pool(states[t]) for t in self.taps]
+        widths = sorted({p.shape[-1] for p in pooled})
+        if len(widths) > 1:
+            raise ValueError(f"the taps of image encoder {self.name} have different widths ({widths}: a CNN's stages): "
+                             "per-layer taps need a transformer encoder (ViT, CLIP vision, ...) whose blocks share one width")
+        return torch.stack(pooled, 1)
 
     def unused_parameter_prefixes(self) -> list[str]:
         if self.backend == "hf" and not (self.pooling == "default" and self.output == "pooled"):

@@ -173,3 +173,20 @@ class FusedItemTower(nn.Module):
         if with_modalities:
             return fused, [pooled(o) for o in outputs]
         return fused
+
+
+class TapTower(nn.Module):
+    """Cached per-layer taps of each modality (``lookup(ids) -> [n, n_taps, d]``) through a side network
+    (:class:`~recbole_mm.layers.side_network.IISANSideNetwork`) -> ``[n, D]``. The backbones never run."""
+
+    def __init__(self, text_lookup, image_lookup, side: nn.Module):
+        super().__init__()
+        self.text_lookup, self.image_lookup = text_lookup, image_lookup
+        self.side = side
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.side.parameters()).dtype
+        text = self.text_lookup(ids).to(device=ids.device, dtype=dtype)
+        image = self.image_lookup(ids).to(device=ids.device, dtype=dtype)
+        return self.side(text, image)
+

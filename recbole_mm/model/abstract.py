@@ -111,22 +111,23 @@ class MMSequentialRecommender(SequentialRecommender):
         self._item_matrix = None
 
     # ------------------------------------------------------------------ items
-    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled"):
+    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled", taps=None):
         """Frozen features of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0 zeros), extracted
         on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
-        ``[n_items, d]``; ``kind="tokens"``: a :class:`~recbole_mm.data.content.FeatureLookup` over the memory map
-        ``[n, T, d]`` (stored as ``token_feature_dtype``, float16 by default)."""
+        ``[n_items, d]``; ``kind="tokens"`` / ``"taps"`` (hidden-state indices ``taps``, all when ``None``): a
+        :class:`~recbole_mm.data.content.FeatureLookup` over the memory map ``[n, T, d]`` (stored as
+        ``token_feature_dtype``, float16 by default)."""
         from recbole_mm.extract import default_feature_path, get_or_extract, spec_from_config
 
-        spec = spec_from_config(config, modality, kind=kind)
-        if kind == "tokens":
+        spec = spec_from_config(config, modality, kind=kind, taps=taps)
+        if kind in ("tokens", "taps"):
             spec.dtype = cfg_get(config, "token_feature_dtype", "float16")
         if modality == "image" and not os.path.isfile(
                 default_feature_path(dataset.dataset_path, spec, cfg_get(config, "features_dir"))):
             self.require_images()
         with preserved_rng():  # extracting on first use must not change this model's initial weights
             path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
-        features = self.content.feature_lookup(path) if kind == "tokens" else self.content.features(path)
+        features = self.content.feature_lookup(path) if kind in ("tokens", "taps") else self.content.features(path)
         # this model's own record (the content object is shared by every model built on the dataset)
         self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
             os.path.abspath(path)])
