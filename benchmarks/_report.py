@@ -11,6 +11,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
+# The papers' evaluation protocol and quiet runs, shared by every quality benchmark (each adds its data and model
+# settings): HR@10 / NDCG@10, model selection on valid HR@10 at every epoch, history masked, cold = the long tail
+# holding 10% of the training interactions.
+PROTOCOL = {
+    "eval_batch_size": 4096,
+    "metrics": ["Hit", "NDCG"],
+    "topk": [10],
+    "valid_metric": "Hit@10",
+    "mask_history": True,
+    "cold_item_quantile": 0.1,
+    "show_progress": False,
+    "count_flops": False,
+    "state": "WARNING",
+    "eval_step": 1,
+}
+LEAVE_ONE_OUT = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:

@@ -29,26 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-COMMON = {
-    "keep_last_n": 13,
-    "MAX_ITEM_LIST_LENGTH": 10,
-    "n_layers": 2,
-    "n_heads": 2,
-    "train_batch_size": 128,
-    "eval_batch_size": 4096,
-    "learning_rate": 0.001,
-    "learner": "adamw",
-    "weight_decay": 0.01,
-    "metrics": ["Hit", "NDCG"],
-    "topk": [10],
-    "valid_metric": "Hit@10",
-    "mask_history": True,
-    "cold_item_quantile": 0.1,
-    "show_progress": False,
-    "count_flops": False,
-    "state": "WARNING",
-    "eval_step": 1,
-}
+from _report import PROTOCOL  # noqa: E402
+
+COMMON = {**PROTOCOL, "keep_last_n": 13, "MAX_ITEM_LIST_LENGTH": 10, "n_layers": 2, "n_heads": 2,
+          "train_batch_size": 128, "learning_rate": 0.001, "learner": "adamw", "weight_decay": 0.01}
 ID_SAME = {"hidden_size": 64, "inner_size": 256, "hidden_dropout_prob": 0.1, "attn_dropout_prob": 0.1, "loss_type": "CE"}
 TS_TEXT = {"mode": "two_stage", "modality": "text", "text_pooling": "mean", "text_max_length": 32,
            "text_lowercase": False, "embedding_size": 64, "dnn_layers": 2, "dropout_prob": 0.1}

@@ -25,25 +25,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-COMMON = {
-    "keep_last_n": 23,
-    "MAX_ITEM_LIST_LENGTH": 20,
-    "train_batch_size": 128,
-    "eval_batch_size": 4096,
-    "learning_rate": 0.001,
-    "weight_decay": 0.01,
-    "metrics": ["Hit", "NDCG"],
-    "topk": [10],
-    "valid_metric": "Hit@10",
-    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
-    "mask_history": True,
-    "cold_item_quantile": 0.1,
-    "show_progress": False,
-    "count_flops": False,
-    "state": "WARNING",
-    "eval_step": 1,
-    "stopping_step": 5,
-}
+from _report import LEAVE_ONE_OUT, PROTOCOL  # noqa: E402
+
+COMMON = {**PROTOCOL, "keep_last_n": 23, "MAX_ITEM_LIST_LENGTH": 20, "train_batch_size": 128, "learning_rate": 0.001,
+          "weight_decay": 0.01, "eval_args": LEAVE_ONE_OUT, "stopping_step": 5}
 SEQ = {"n_layers": 2, "n_heads": 2}
 ID = {**SEQ, "hidden_size": 64, "inner_size": 256, "hidden_dropout_prob": 0.1, "attn_dropout_prob": 0.1,
       "loss_type": "CE", "learner": "adamw"}

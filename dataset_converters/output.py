@@ -15,11 +15,8 @@ guarantee it), so a reader splits lines at ``\\t`` (pandas: ``sep="\\t", quoting
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import shutil
-import tempfile
 from typing import Iterable, Sequence
 
 import pyarrow as pa
@@ -31,61 +28,29 @@ logger = logging.getLogger("dataset_converters")
 
 
 class AtomicDir:
-    """Context manager yielding a temporary folder that becomes ``out_root/name`` on success."""
+    """Context manager yielding a temporary folder that becomes ``out_root/name`` on success
+    (:class:`recbole_mm.atomic.FolderBuild`, which also holds the lock and removes leftovers of killed runs)."""
 
     def __init__(self, out_root: str, name: str, overwrite: bool = False):
         if not name or os.sep in name or name.startswith("."):
             raise ConversionError(f"invalid dataset name {name!r}")
-        self.out_root = os.path.abspath(out_root)
-        self.name = name
-        self.target = os.path.join(self.out_root, name)
-        self.overwrite = overwrite
-        self.tmp = ""
-        self._lock = None
+        from recbole_mm.atomic import FolderBuild
 
-    def leftovers(self) -> list[str]:
-        """Temporary folders of killed runs into the same ``OUT_ROOT/NAME`` (call while holding the lock)."""
-        pattern = os.path.join(glob.escape(self.out_root), "." + glob.escape(self.name))
-        return sorted(glob.glob(pattern + ".tmp-*") + glob.glob(pattern + ".old-*"))
+        self.build = FolderBuild(out_root, name, what="conversion", log=logger)
+        self.overwrite = overwrite
 
     def __enter__(self) -> str:
-        from recbole_mm.atomic import BuildLock, remove_leftovers
-
-        os.makedirs(self.out_root, exist_ok=True)
-        self._lock = BuildLock(os.path.join(self.out_root, f".{self.name}.lock"), what=f"dataset {self.target}",
-                               log=logger)
-        self._lock.__enter__()
+        self.build.__enter__()
         try:
-            remove_leftovers(self.leftovers(), "conversion", logger)
-            if os.path.exists(self.target) and not self.overwrite:
-                raise ConversionError(f"output folder {self.target} already exists; pass --overwrite to replace it")
-            self.tmp = tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out_root)
-            os.chmod(self.tmp, 0o755)
-        except BaseException:
-            self._release()
+            if os.path.exists(self.build.target) and not self.overwrite:
+                raise ConversionError(f"output folder {self.build.target} already exists; pass --overwrite to replace it")
+            return self.build.tmp()
+        except BaseException as e:
+            self.build.__exit__(type(e), e, e.__traceback__)
             raise
-        return self.tmp
-
-    def _release(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.__exit__(None, None, None)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        try:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            old = None
-            if os.path.exists(self.target):
-                old = tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_root)
-                os.replace(self.target, os.path.join(old, self.name))
-            os.replace(self.tmp, self.target)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-            return False
-        finally:
-            self._release()
+        return self.build.__exit__(exc_type, exc, tb)
 
 
 def write_table_columnar(path: str, header: Sequence[str], table: pa.Table) -> None:

@@ -263,3 +263,66 @@ class BuildLock:
 def lock_path_for(path: str) -> str:
     """The lock file of the artefact ``path``: ``.<basename>.lock`` in the same folder (hidden)."""
     return os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
+
+
+class FolderBuild:
+    """Build the folder ``out_root/name`` atomically (rules 1-3 above, for a whole folder).
+
+    ``with FolderBuild(out_root, name, what) as build:`` holds the lock ``out_root/.name.lock`` and removes what a
+    killed build left (``.name.tmp-*``, ``.name.old-*``, reported). Inside, :meth:`tmp` makes the temporary
+    folder to fill; leaving the block without an error renames it to ``out_root/name`` (an existing folder is moved
+    aside first, then removed); an error removes it. A block that never calls :meth:`tmp` changes nothing (the
+    existing folder was reused, or the build refused).
+    """
+
+    def __init__(self, out_root: str, name: str, what: str, log: Optional[logging.Logger] = None):
+        self.out_root = os.path.abspath(out_root)
+        self.name = name
+        self.target = os.path.join(self.out_root, name)
+        self.what = what
+        self.log = log or logger
+        self._tmp: Optional[str] = None
+        self._lock: Optional[BuildLock] = None
+
+    def __enter__(self) -> "FolderBuild":
+        os.makedirs(self.out_root, exist_ok=True)
+        self._lock = BuildLock(lock_path_for(self.target), what=self.what, log=self.log)
+        self._lock.__enter__()
+        try:
+            stem = os.path.join(glob.escape(self.out_root), "." + glob.escape(self.name))
+            remove_leftovers(glob.glob(stem + TMP_MARK + "*") + glob.glob(stem + ".old-*"), self.what, self.log)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def tmp(self) -> str:
+        """The temporary folder (made on the first call) that becomes ``target`` when the block ends well."""
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix=tmp_prefix(self.target), dir=self.out_root)
+            os.chmod(self._tmp, 0o777 & ~_umask())
+        return self._tmp
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if self._tmp is None:
+                return False
+            if exc_type is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                return False
+            aside = None
+            if os.path.exists(self.target):
+                aside = tempfile.mkdtemp(prefix=f".{self.name}.old-", dir=self.out_root)
+                os.replace(self.target, os.path.join(aside, self.name))
+            os.replace(self._tmp, self.target)
+            if aside:
+                shutil.rmtree(aside, ignore_errors=True)
+            return False
+        finally:
+            self._release()
+

@@ -26,17 +26,15 @@ Source folders are ``<data_path>/<name>``; embedded datasets (``ml-100k-mm``) ar
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from typing import Callable, Iterable, Optional
 
 import yaml
 
-from recbole_mm.atomic import BuildLock, atomic_write_json, lock_path_for, read_json, remove_leftovers, tmp_prefix
+from recbole_mm.atomic import FolderBuild, atomic_write_json, read_json
 from recbole_mm.data.features import file_sha256
 from recbole_mm.data.images import find_images
 from recbole_mm.paths import properties_dir
@@ -190,42 +188,24 @@ def _write(path: str, cols: list[tuple[str, str]], lines: Iterable[str]) -> None
 
 
 def _build_once(out_root: str, name: str, prov_file: str, inputs: dict, build: Callable[[str], dict]) -> str:
-    """Build ``out_root/name`` with ``build(tmp_folder) -> provenance`` under its lock unless its ``prov_file``
-    records ``inputs`` already; the provenance (with ``inputs``) is written last, then the folder renamed."""
+    """Build ``out_root/name`` with ``build(tmp_folder) -> provenance`` (:class:`recbole_mm.atomic.FolderBuild`:
+    locked, atomic) unless its ``prov_file`` records ``inputs`` already; the provenance (with ``inputs``) is
+    written last."""
     if not name or name.startswith(".") or os.sep in name or "\t" in name:
         raise ValueError(f"invalid dataset name {name!r}")
-    out_root = os.path.abspath(out_root)
-    target, what = os.path.join(out_root, name), f"dataset {name}"
-    os.makedirs(out_root, exist_ok=True)
-    with BuildLock(lock_path_for(target), what=what, log=logger):
-        stem = os.path.join(glob.escape(out_root), "." + glob.escape(name))
-        remove_leftovers(glob.glob(stem + ".tmp-*") + glob.glob(stem + ".old-*"), what, logger)
-        if os.path.exists(target):
-            old = read_json(os.path.join(target, prov_file))
+    with FolderBuild(out_root, name, f"build of dataset {name}", log=logger) as folder:
+        if os.path.exists(folder.target):
+            old = read_json(os.path.join(folder.target, prov_file))
             if not isinstance(old, dict):
-                raise FileExistsError(f"{target} exists and was not built by recbole_mm.data.merge (no {prov_file}); "
-                                      f"remove it or choose another name")
+                raise FileExistsError(f"{folder.target} exists and was not built by recbole_mm.data.merge (no "
+                                      f"{prov_file}); remove it or choose another name")
             if all(_comparable(old.get(k)) == _comparable(v) for k, v in inputs.items()):
-                logger.info(f"reusing {what} (inputs unchanged)")
-                return target
-            logger.info(f"rebuilding {what}: its inputs changed")
-        tmp = tempfile.mkdtemp(prefix=tmp_prefix(target), dir=out_root)
-        try:
-            os.chmod(tmp, 0o755)
-            prov = dict(inputs, **build(tmp))
-            atomic_write_json(os.path.join(tmp, prov_file), prov, indent=1, ensure_ascii=False)
-            os.chmod(os.path.join(tmp, prov_file), 0o644)
-            aside = None
-            if os.path.exists(target):
-                aside = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out_root)
-                os.replace(target, os.path.join(aside, name))
-            os.replace(tmp, target)
-            if aside:
-                shutil.rmtree(aside, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+                logger.info(f"reusing dataset {name} (inputs unchanged)")
+                return folder.target
+            logger.info(f"rebuilding dataset {name}: its inputs changed")
+        tmp = folder.tmp()
+        atomic_write_json(os.path.join(tmp, prov_file), dict(inputs, **build(tmp)), indent=1, ensure_ascii=False)
+    return folder.target
 
 
 # ------------------------------------------------------------------------------------------------------- merge
