@@ -25,7 +25,8 @@ DEFAULT_MODEL = "MoRec"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["epochs=1", "eval_args={mode: full}"]`` -> dict with YAML-parsed values."""
+    """``["epochs=1", "eval_args={mode: full}"]`` -> dict with YAML-parsed values (``None`` is null too, as in
+    RecBole's own command line)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -33,7 +34,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         key = key.strip().lstrip("-")
         try:
-            out[key] = yaml.safe_load(value) if value != "" else None
+            out[key] = yaml.safe_load(value) if value not in ("", "None") else None
         except yaml.YAMLError:
             out[key] = value
     return out
@@ -283,8 +284,8 @@ def cmd_extract(args) -> int:
             raise SystemExit(f"recbole-mm extract: --kind {args.kind} contradicts --tokens / --taps")
         kind = args.kind
     spec = spec_from_config(config, args.modality, kind=kind, taps=taps)
-    # token features default to the dtype the models read (token_feature_dtype), so the file is the one they use
-    spec.dtype = args.dtype or (config["token_feature_dtype"] or "float16" if kind == "tokens" else "float32")
+    # token / tap features default to the dtype the models read (token_feature_dtype), so the file is the one they use
+    spec.dtype = args.dtype or (config["token_feature_dtype"] or "float16" if kind in ("tokens", "taps") else "float32")
     shard = None
     if args.shard:
         m = re.match(r"^(\d+)/(\d+)$", args.shard)
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-fields", help="comma-separated .item text columns")
     e.add_argument("--image-size", type=int, help="square image side")
     e.add_argument("--dtype", choices=["float32", "float16"],
-                   help="storage dtype (default float32; tokens: token_feature_dtype, float16)")
+                   help="storage dtype (default float32; tokens and taps: token_feature_dtype, float16)")
     e.add_argument("--output", "-o", help="output .npy (default <dataset>/features/<encoder>/<modality>-<pooling>...npy)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key=value")

@@ -190,7 +190,7 @@ def _row_shape(encoder, spec: ExtractSpec) -> tuple:
     if spec.kind == "pooled":
         return (d,)
     if spec.kind == "taps":
-        return (len(encoder.taps), d)
+        return (len(encoder.taps), getattr(encoder, "tap_width", d))
     if spec.modality == "text":
         return (spec.max_length, d)
     with torch.inference_mode():  # image tokens: as many as the backbone makes for this size
@@ -316,7 +316,8 @@ def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, sha
     bar.close()
     array.flush()
     del array
-    side = _sidecar(partial, tokens, spec, encoder, extra={"shard": list(shard) if shard else None})
+    widths = getattr(encoder, "tap_widths", None) if spec.kind == "taps" else None
+    side = _sidecar(partial, tokens, spec, encoder, extra={"shard": list(shard) if shard else None, "tap_widths": widths})
     ff.write_sidecar(target, side)  # first the sidecar, then the rows: a complete pair appears at the rename
     os.replace(partial, target)
     if os.path.exists(progress_file):  # an empty shard has none
@@ -415,6 +416,10 @@ def merge_shards(out_path: str, n: int) -> str:
 def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> ExtractSpec:
     """An :class:`ExtractSpec` from a run's config keys (``text_encoder``, ``text_pooling``, ...). Text taps pool
     by ``tap_pooling``, by default the original IISAN's for the encoder (mean for decoder LLMs, else CLS)."""
+    if taps is not None and (isinstance(taps, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                     for t in taps)):
+        raise ValueError(f"{modality}_taps must be a list of hidden-state indices (integers) or null (~: all), "
+                         f"got {taps!r}")
 
     def get(key, default=None):
         return cfg_get(config, key, default)
@@ -468,8 +473,15 @@ def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpe
         want = spec.settings()
         have = {k: v for k, v in side.get("settings", {}).items() if k in want}
         diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
-        if side.get("encoder") != spec.encoder:
-            diff["encoder"] = (side.get("encoder"), spec.encoder)
+        for key in ("encoder", "modality", "kind"):
+            if side.get(key) != getattr(spec, key):
+                diff[key] = (side.get(key), getattr(spec, key))
+        if spec.kind == "taps":  # the requested list, or every hidden state from 0 when none is given
+            have_taps = side.get("taps")
+            if spec.taps is not None and have_taps != [int(t) for t in spec.taps]:
+                diff["taps"] = (have_taps, list(spec.taps))
+            elif spec.taps is None and (not have_taps or have_taps != list(range(len(have_taps)))):
+                diff["taps"] = (have_taps, "all")
         if diff:
             raise ff.FeatureFileError(
                 f"feature file {path} was extracted with other settings (file vs requested: {diff}); delete it, "

@@ -17,6 +17,8 @@ def test_parse_overrides_and_space():
 
     assert parse_overrides(["epochs=3", "text_fields=[title, genres]", "eval_args={mode: full}", "x=abc"]) == {
         "epochs": 3, "text_fields": ["title", "genres"], "eval_args": {"mode": "full"}, "x": "abc"}
+    assert parse_overrides(["a=None", "b=~", "c=null", "d=", "e=none"]) == {
+        "a": None, "b": None, "c": None, "d": None, "e": "none"}  # None as in RecBole's own command line
     assert parse_space(["learning_rate=choice([0.001, 0.01])", "dropout=uniform(0.1, 0.5)"]) == {
         "choice": {"learning_rate": [0.001, 0.01]}, "uniform": {"dropout": [0.1, 0.5]}}
     with pytest.raises(SystemExit):

@@ -80,7 +80,7 @@ def test_cli_extract_image_taps_and_tokens(tiny_root, capsys):
     assert cli(args) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
     array, side = ff.open_features(path)
-    assert path.endswith(os.path.join("features", "test_vit", "image-cls-taps0_2-32px-random.npy"))
+    assert path.endswith(os.path.join("features", "test_vit", "image-cls-taps0_2-32px-random-float16.npy"))
     assert array.shape[1:] == (2, 64) and side["kind"] == "taps" and side["taps"] == [0, 2]
     assert cli(args[:-2] + ["--tokens", "--no-progress", "image_pretrained=false"]) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
@@ -175,7 +175,7 @@ def test_text_tap_pooling_default_and_values(tiny_root, tmp_path, arch, default,
     assert default_tap_pooling(enc_dir) == default
     folder = os.path.join(tiny_root, "mm-tiny")
     base = ["extract", "--dataset", "mm-tiny", "--data-path", tiny_root, "--modality", "text", "--encoder", enc_dir,
-            "--taps", "0,2", "--max-length", "40", "--text-fields", "title", "--no-progress"]
+            "--taps", "0,2", "--max-length", "40", "--text-fields", "title", "--no-progress", "--dtype", "float32"]
     tokens = catalogue_tokens(folder, "mm-tiny")[:5]
     content = ItemContent(["[PAD]"] + tokens, folder, "mm-tiny", {"text_fields": ["title"]})
     model = TextEncoder(enc_dir, output="taps").eval()

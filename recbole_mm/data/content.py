@@ -275,16 +275,17 @@ class ItemContent:
     def feature_lookup(self, npy_path: str) -> "FeatureLookup":
         """Like :meth:`features` but reading rows on demand from the memory map (token features ``[n, T, d]``
         are too large to hold in memory for big catalogues): ``lookup(ids) -> float32 tensor``."""
-        array, rows, _ = self.feature_rows(npy_path)
-        return FeatureLookup(array, rows)
+        array, rows, side = self.feature_rows(npy_path)
+        return FeatureLookup(array, rows, side)
 
 
 class FeatureLookup:
     """Rows of a memory-mapped feature file by internal item id (row of padding = zeros), as float32 tensors."""
 
-    def __init__(self, array: np.ndarray, rows: np.ndarray):
+    def __init__(self, array: np.ndarray, rows: np.ndarray, sidecar: Optional[dict] = None):
         self.array = array
         self.rows = rows
+        self.sidecar = dict(sidecar or {})
         self.shape = (len(rows),) + tuple(array.shape[1:])
 
     def __call__(self, item_ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ plain ``efficientnet_lite0`` pads symmetrically and gives ~50% relative error wi
 Input: uint8 ``[n, S, S, 3]`` from the image store; :meth:`ImageEncoder.preprocess` scales to [0, 1] and
 normalises with the encoder's own mean / std (timm ``pretrained_cfg``, HF preprocessor config) unless given.
 Outputs as the text encoder: ``pooled`` ``[n, d]`` (``default`` = the model's own pooled features, ``cls``,
-``mean``), ``taps`` ``[n, len(taps), d]`` (transformer backbones: state 0 = the input of the first block),
+``mean``), ``taps`` ``[n, len(taps), d]`` (state 0 = the input of the first block; a CNN's stages, of different
+widths, are spatially mean-pooled and zero-padded to the widest, their widths in ``tap_widths``),
 ``tokens`` ``[n, T, d]`` (CNN feature maps are flattened to ``H*W`` tokens).
 """
 
@@ -91,7 +92,29 @@ class ImageEncoder(nn.Module):
                 raise ValueError(f"image encoder {name} has no block stack to tap")
             bad = [t for t in self.taps if not 0 <= t < n_states]
             if bad:
-                raise ValueError(f"taps {bad} out of range for {name} ({n_states} states incl. the first block's input)")
+                raise ValueError(f"taps {bad} out of range for {name}: it has {n_states} states (0 = the first block's "
+                                 f"input, i = block i's output), so image_taps take indices 0..{n_states - 1}")
+            self.tap_widths = self._probe_tap_widths()
+        else:
+            self.tap_widths = None
+
+    @property
+    def tap_width(self) -> int:
+        """Width of one cached tap row: the widest tap (a CNN's narrower stages are zero-padded to it)."""
+        return max(self.tap_widths)
+
+    def _probe_tap_widths(self) -> list:
+        if self.backend == "hf":
+            return [self.hidden_size] * len(self.taps)
+        size = self.input_size or self.image_size
+        was_training = self.model.training
+        self.model.eval()  # one probe image: BatchNorm in training mode would refuse it (and update its statistics)
+        try:
+            with torch.no_grad():
+                states = self._states(torch.zeros(1, 3, size, size))
+        finally:
+            self.model.train(was_training)
+        return [int(states[t].shape[1] if states[t].dim() == 4 else states[t].shape[-1]) for t in self.taps]
 
     @property
     def blocks(self):
@@ -179,24 +202,26 @@ class ImageEncoder(nn.Module):
             return feats.mean(1)
         return feats[:, 0]
 
-    def _taps(self, x: torch.Tensor) -> torch.Tensor:
+    def _states(self, x: torch.Tensor) -> list:
         if self.backend == "hf":
-            states = self.model(pixel_values=x, output_hidden_states=True, return_dict=True).hidden_states
-        else:  # timm: record the first block's input and every block's output
-            states = []
-            hooks = [self.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
-            hooks += [b.register_forward_hook(lambda m, args, out: states.append(out)) for b in self.blocks]
-            try:
-                self.model.forward_features(x)
-            finally:
-                for h in hooks:
-                    h.remove()
+            return list(self.model(pixel_values=x, output_hidden_states=True, return_dict=True).hidden_states)
+        states = []  # timm: record the first block's input and every block's output
+        hooks = [self.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]
+        hooks += [b.register_forward_hook(lambda m, args, out: states.append(out)) for b in self.blocks]
+        try:
+            self.model.forward_features(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return states
+
+    def _taps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, n_taps, tap_width]``: each selected state pooled (CNN maps: spatial mean); taps narrower than the
+        widest (a CNN's early stages) are zero-padded at the end, their true widths in :attr:`tap_widths`."""
+        states = self._states(x)
         pooled = [self._pool(states[t]) for t in self.taps]
-        widths = sorted({p.shape[-1] for p in pooled})
-        if len(widths) > 1:
-            raise ValueError(f"the taps of image encoder {self.name} have different widths ({widths}: a CNN's stages): "
-                             "per-layer taps need a transformer encoder (ViT, CLIP vision, ...) whose blocks share one width")
-        return torch.stack(pooled, 1)
+        width = max(p.shape[-1] for p in pooled)
+        return torch.stack([nn.functional.pad(p, (0, width - p.shape[-1])) for p in pooled], 1)
 
     def unused_parameter_prefixes(self) -> list[str]:
         if self.backend == "hf" and not (self.pooling == "default" and self.output == "pooled"):

@@ -118,7 +118,8 @@ class TextEncoder(nn.Module):
         self.taps = list(range(n_states)) if taps is None else [int(t) for t in taps]
         bad = [t for t in self.taps if not -n_states <= t < n_states]
         if bad:
-            raise ValueError(f"taps {bad} out of range for {name} ({n_states} hidden states incl. embeddings)")
+            raise ValueError(f"taps {bad} out of range for {name}: it has {n_states} hidden states (0 = the embedding "
+                             f"output, i = layer i's output), so text_taps take indices 0..{n_states - 1} (or negative)")
 
     @property
     def hidden_size(self) -> int:

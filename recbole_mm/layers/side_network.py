@@ -21,6 +21,8 @@ Pieces:
   modalities (not the intra outputs). ``fusion="add"`` replaces every gate by a plain sum.
 - ``DimensionAlign`` (Versa's DTL): one Linear per lock-step tap from the wider width to the narrower one,
   applied to the wider modality's taps before the inter SAN (which runs at the narrower width).
+- ``StageAlign`` (ours, for CNN image encoders): a CNN's stage outputs differ in width; the cache holds them
+  zero-padded to the widest, and one Linear per tap (initialised to that padding) maps them to one width.
 - Tap selection: ``layerdrop_taps`` (IISAN's LayerDrop), ``group_layer_drop`` (Versa: the same number of taps on
   both sides), ``surplus_schedule`` (Versa: the deeper side's surplus taps first, intra only, then lock-step).
 - ``IISANSideNetwork``: the whole thing, ``(text_taps [n, Tt, dt], image_taps [n, Ti, di]) -> [n, d_out]``.
@@ -254,6 +256,29 @@ class DimensionAlign(nn.Module):
         return torch.stack([self.step(k, taps[:, k]) for k in range(len(self.proj))], dim=1)
 
 
+class StageAlign(nn.Module):
+    """CNN stage taps (not in the original, whose encoders are transformers): tap ``k`` holds a stage output of
+    width ``widths[k]`` zero-padded to the cache width ``d``; one ``Linear(widths[k] -> d)`` per tap maps it to the
+    common width of the intra SAN. Initialised to the zero padding itself (weight ``[I; 0]``, bias 0): untrained,
+    it passes the cached tap through unchanged."""
+
+    def __init__(self, widths: Sequence[int], d: int):
+        super().__init__()
+        self.widths = [int(w) for w in widths]
+        if any(w > d or w < 1 for w in self.widths):
+            raise ValueError(f"stage widths {self.widths} must lie in 1..{d} (the cache width)")
+        self.proj = nn.ModuleList(nn.Linear(w, d) for w in self.widths)
+        for lin, w in zip(self.proj, self.widths):
+            nn.init.zeros_(lin.bias)
+            with torch.no_grad():
+                lin.weight.zero_()
+                lin.weight[:w].copy_(torch.eye(w))
+
+    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+        """``[n, K, d]`` (zero-padded) -> ``[n, K, d]``."""
+        return torch.stack([lin(taps[:, k, :w]) for k, (lin, w) in enumerate(zip(self.proj, self.widths))], dim=1)
+
+
 def _head(d_in: int, d_mid: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_mid), nn.Linear(d_mid, d_out))
 
@@ -277,6 +302,9 @@ class IISANSideNetwork(nn.Module):
         text_index, image_index: tap indices used from each cache (LayerDrop); default all taps.
         intra_head ("auto" | "wide" | "narrow"): ``FC(w -> w) -> Linear(w -> D)`` or ``Linear(w -> D) ->
             Linear(D -> D)``; "auto" = "wide" when the widths are equal (Code_Cached), else "narrow" (Asym).
+        text_tap_widths, image_tap_widths: the true width of each cached tap (a CNN's stages, zero-padded to
+            ``d_text`` / ``d_image`` in the cache); when they differ, a :class:`StageAlign` maps the selected taps
+            to the cache width before the SANs. ``None``: every tap is full width (transformers).
 
     NOTE: see the module docstring for the deviations from the original code.
     """
@@ -284,7 +312,8 @@ class IISANSideNetwork(nn.Module):
     def __init__(self, d_text, n_text_taps, d_image, n_image_taps, d_out, bottleneck=64, image_bottleneck=None,
                  activation="relu", fusion="gated", gate_temperature=0.1, gate_init=0.0, modality="intra_inter",
                  schedule="surplus", text_index: Optional[Sequence[int]] = None,
-                 image_index: Optional[Sequence[int]] = None, intra_head="auto"):
+                 image_index: Optional[Sequence[int]] = None, intra_head="auto",
+                 text_tap_widths: Optional[Sequence[int]] = None, image_tap_widths: Optional[Sequence[int]] = None):
         super().__init__()
         self.modality = _choice("modality", modality, MODALITIES)
         self.schedule = _choice("schedule", schedule, SCHEDULES)
@@ -296,6 +325,8 @@ class IISANSideNetwork(nn.Module):
         self.register_buffer("text_index", self._index(text_index, n_text_taps, "text"), persistent=False)
         self.register_buffer("image_index", self._index(image_index, n_image_taps, "image"), persistent=False)
         kt, ki = len(self.text_index), len(self.image_index)
+        self.text_stages = self._stage_align(text_tap_widths, self.text_index, n_text_taps, d_text, "text")
+        self.image_stages = self._stage_align(image_tap_widths, self.image_index, n_image_taps, d_image, "image")
         self.steps = surplus_schedule(kt, ki)
         image_bottleneck = bottleneck if image_bottleneck is None else image_bottleneck
         san = dict(activation=activation, fusion=fusion, temperature=gate_temperature, gate_init=gate_init)
@@ -330,10 +361,22 @@ class IISANSideNetwork(nn.Module):
                              f"taps (0..{n_taps - 1}); pick taps the cache holds or re-extract it")
         return torch.tensor(index, dtype=torch.long)
 
+    @staticmethod
+    def _stage_align(widths, index: torch.Tensor, n_taps: int, d: int, name: str) -> Optional[StageAlign]:
+        if widths is None:
+            return None
+        widths = [int(w) for w in widths]
+        if len(widths) != n_taps:
+            raise ValueError(f"{len(widths)} {name} tap widths for a cache of {n_taps} taps")
+        selected = [widths[i] for i in index.tolist()]
+        return StageAlign(selected, d) if any(w != d for w in selected) else None
+
     def _taps(self, taps: torch.Tensor, d: int, n: int, index: torch.Tensor, name: str) -> torch.Tensor:
         if taps.dim() != 3 or taps.shape[1:] != (n, d):
             raise ValueError(f"{name} taps must be [n_items, {n}, {d}], got {list(taps.shape)}")
-        return taps.index_select(1, index.to(taps.device)).to(self.com_dense.weight.dtype)
+        taps = taps.index_select(1, index.to(taps.device)).to(self.com_dense.weight.dtype)
+        stages = self.text_stages if name == "text" else self.image_stages
+        return taps if stages is None else stages(taps)
 
     def forward(self, text_taps: torch.Tensor, image_taps: torch.Tensor) -> torch.Tensor:
         """``text_taps [n, Tt, dt]``, ``image_taps [n, Ti, di]`` -> item vectors ``[n, d_out]``."""

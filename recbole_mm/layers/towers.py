@@ -12,6 +12,8 @@
   (text: last hidden states and the attention mask; image: ViT CLS + patches, CNN feature map flattened, all
   real) -> ``Linear(d, D)``, returned as the same pair.
 - :class:`IDTower`: a zero-initialised ID embedding, added to the content vector where a model mixes IDs in.
+- :class:`TapTower` (IISAN): per-layer taps of both modalities, cached (a memory map) or computed by the frozen
+  encoders at every call (:class:`FrozenTextTaps`, :class:`FrozenImageTaps`), through a side network.
 - :class:`FusedItemTower`: one tower per modality and a fusion (``recbole_mm.layers.fusion``); with one
   modality, token pairs are mean-pooled over their real tokens.
 
@@ -175,9 +177,47 @@ class FusedItemTower(nn.Module):
         return fused
 
 
+class FrozenTextTaps(_EncoderTower):
+    """Uncached taps: a frozen text encoder (``output="taps"``) run on the items' token ids at every call, without
+    gradients and in eval mode -> ``[n, n_taps, d]`` (padding id 0: zeros, as in a cache). ``full_width``: the
+    fixed text length (a mean over every position, padding included), else trimmed as in extraction."""
+
+    def __init__(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, full_width: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.full_width = full_width
+        self.register_buffer("input_ids", input_ids, persistent=False)
+        self.register_buffer("attention_mask", attention_mask, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.reshape(-1)
+        ids_, mask = self.input_ids[ids], self.attention_mask[ids]
+        if not self.full_width:
+            ids_, mask = _trim(ids_, mask)
+        with torch.no_grad():
+            return self.encoder(ids_, mask) * (ids > 0).view(-1, 1, 1)
+
+
+class FrozenImageTaps(_EncoderTower):
+    """Uncached taps of a frozen image encoder (``output="taps"``) on the image store's pixels (padding: zeros)."""
+
+    def __init__(self, encoder, content):
+        super().__init__()
+        self.encoder = encoder
+        self.content = content
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.reshape(-1)
+        pixels = self.content.pixels(ids, self.encoder.image_size).to(ids.device)
+        with torch.no_grad():
+            return self.encoder(pixels) * (ids > 0).view(-1, 1, 1)
+
+
 class TapTower(nn.Module):
-    """Cached per-layer taps of each modality (``lookup(ids) -> [n, n_taps, d]``) through a side network
-    (:class:`~recbole_mm.layers.side_network.IISANSideNetwork`) -> ``[n, D]``. The backbones never run."""
+    """Per-layer taps of each modality (``lookup(ids) -> [n, n_taps, d]``: a cache's
+    :class:`~recbole_mm.data.content.FeatureLookup`, where the backbones never run, or :class:`FrozenTextTaps` /
+    :class:`FrozenImageTaps`) through a side network (:class:`~recbole_mm.layers.side_network.IISANSideNetwork`)
+    -> ``[n, D]``."""
 
     def __init__(self, text_lookup, image_lookup, side: nn.Module):
         super().__init__()
