@@ -61,7 +61,7 @@ def _fmt(v) -> str:
 
 def result_rows(result: dict) -> dict:
     """The rows of a run's results table: valid and test overall, then on cold and on new items (with how many
-    targets each averages in the ``rows`` column)."""
+    targets each averages in the ``rows`` column), then each scoring branch of a model that has several."""
     cold_t = result.get("cold_threshold_used")
     cold = f"cold items (1-{cold_t} train interactions)" if cold_t is not None else "cold items"
     out = {}
@@ -75,6 +75,9 @@ def result_rows(result: dict) -> dict:
             group = result.get(f"{key}_{split}_result")
             if group is not None:
                 out[f"{split}, {label}"] = {k: v for k, v in group.items() if k != "max_train_count"}
+    for split in ("valid", "test"):  # models scoring by several branches (ODMT): each branch alone
+        for name, metrics in (result.get(f"branch_{split}_result") or {}).items():
+            out[f"{split}, {name} branch"] = metrics
     return out
 
 

@@ -67,12 +67,14 @@ def _log_file(logger) -> str | None:
 
 EXTRA_RESULT_KEYS = ("cold_valid_result", "cold_test_result", "new_valid_result", "new_test_result",
                      "cold_threshold_used", "valid_rows", "test_rows", "train_loss_history", "valid_score_history", "valid_epoch_history",
-                     "epoch_seconds", "eval_seconds", "efficiency")
+                     "epoch_seconds", "eval_seconds", "efficiency", "branch_valid_result", "branch_test_result",
+                     "branch_valid_history")
 
 
 def trainer_extras(trainer) -> dict:
-    """What MMTrainer adds to RecBole's result dict: cold / new item results, histories, timings and the efficiency
-    record (``MMTrainer.efficiency``: seconds per epoch / evaluation, peak memory, trainable / total parameters)."""
+    """What MMTrainer adds to RecBole's result dict: cold / new item results, histories, timings, the efficiency
+    record (``MMTrainer.efficiency``: seconds per epoch / evaluation, peak memory, trainable / total parameters) and,
+    for models with several scoring branches (ODMT), each branch's results."""
     return {key: getattr(trainer, key) for key in EXTRA_RESULT_KEYS if getattr(trainer, key, None) is not None}
 
 

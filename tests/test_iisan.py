@@ -139,7 +139,7 @@ def test_taps_beyond_the_encoder_depth(iisan_cfg, key):
         build_run("IISANVersa", "mm-tiny", dict(iisan_cfg, **{key: "all"}))
 
 
-@pytest.mark.parametrize("field", ["encoder", "taps"])
+@pytest.mark.parametrize("field", ["encoder", "taps", "modality", "kind"])
 def test_a_tap_cache_from_another_encoder_or_tap_list_is_refused(iisan_cfg, field):
     import json
     import os
@@ -153,8 +153,10 @@ def test_a_tap_cache_from_another_encoder_or_tap_list_is_refused(iisan_cfg, fiel
     side = json.loads(original)
     if field == "encoder":
         side["encoder"] = "some/other-encoder"
-    else:
+    elif field == "taps":
         side["taps"] = [0, 2]  # all taps were requested
+    else:
+        side[field] = {"modality": "image", "kind": "tokens"}[field]
     try:  # the dataset folder is shared by the session's tests: restore the sidecar afterwards
         with open(sidecar_path(path), "w") as f:
             json.dump(side, f)
@@ -204,3 +206,19 @@ def test_recbole_own_run_recbole_and_plugin_objective_run_versa(iisan_cfg):
     assert 0.0 <= result["test_result"]["hit@10"] <= 1.0
     res = recbole_mm.objective_function(config_dict=dict(iisan_cfg, model="IISANVersa", dataset="mm-tiny"))
     assert res["model"] == "IISANVersa" and res["efficiency"]["trainable_params"] > 0
+
+
+def test_uncached_cnn_taps_equal_the_cached_ones(iisan_cfg, tmp_path):
+    """The uncached path through a CNN (stage taps zero-padded, StageAlign) gives the cached path's item vectors."""
+    import timm
+
+    weights = str(tmp_path / "effnet.pth")
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
+    cfg = dict(iisan_cfg, image_encoder="test_efficientnet", image_weights=weights, token_feature_dtype="float32",
+               features_dir=str(tmp_path / "f"))
+    cached = build_run("IISANVersa", "mm-tiny", cfg)[5]
+    live = build_run("IISANVersa", "mm-tiny", dict(cfg, mode="uncached"))[5]
+    assert live.item_tower.side.image_stages is not None
+    live.load_state_dict(cached.state_dict(), strict=False)
+    cached.eval(), live.eval()
+    torch.testing.assert_close(live.item_matrix(), cached.item_matrix(), rtol=1e-4, atol=1e-5)

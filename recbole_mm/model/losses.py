@@ -8,6 +8,8 @@ item to predict from position ``t`` (0 = no loss at this position).
 - :func:`bce_loss`: one-negative binary cross-entropy, ``mean BCE(pos, 1) + mean BCE(neg, 0)``.
 - :func:`sample_negatives`: uniform negatives outside each user's training sequence.
 - :func:`full_softmax_loss`: softmax over every item (only where item vectors are cheap: cached features).
+- :func:`inbatch_logits`: the in-batch logits and labels themselves; :func:`kd_loss` / :func:`kd_rampup`: ODMT's
+  online distillation between branches and its epoch ramp-up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,44 @@ import torch
 from torch.nn import functional as F
 
 MASK_VALUE = -1e4
+
+
+def inbatch_logits(
+    user_vecs: torch.Tensor,
+    target_ids: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_vecs: torch.Tensor,
+    example_items: torch.Tensor,
+    example_users: Optional[torch.Tensor] = None,
+    log_pop: Optional[torch.Tensor] = None,
+    cand_counts: Optional[torch.Tensor] = None,
+    return_log_counts: bool = False,
+):
+    """The logits ``[N, C]`` and labels ``[N]`` of :func:`inbatch_softmax_loss` (one row per position with a
+    target, in ``target_ids[target_ids > 0]`` order): logQ-corrected, multiplicity-weighted, same-user items
+    masked to ``MASK_VALUE``. Models that combine several branches' logits (ODMT's distillation) start here.
+    ``return_log_counts``: also the ``[N, C]`` log-multiplicity added to each column (0 where none was), which
+    :func:`kd_loss` needs to distil over the batch's slots rather than over its merged columns."""
+    valid = target_ids > 0
+    rows = valid.nonzero(as_tuple=True)[0]  # example of each position with a target
+    targets = target_ids[valid]
+    logits = user_vecs[valid] @ cand_vecs.t()  # [N, C]: only positions that have a loss
+    if log_pop is not None:
+        logits = logits - log_pop.to(logits.dtype)[None, :]
+    own = (example_items[:, :, None] == cand_ids[None, None, :]).any(1)  # [B, C]
+    if example_users is not None:
+        same_user = (example_users[:, None] == example_users[None, :]).to(logits.dtype)
+        own = (same_user @ own.to(logits.dtype)) > 0
+    own = own[rows]
+    log_counts = torch.zeros_like(logits)
+    if cand_counts is not None:
+        log_counts = torch.where(own, 0.0, cand_counts.to(logits.dtype).log()[None, :])
+        logits = logits + log_counts
+    is_target = targets[:, None] == cand_ids[None, :]  # [N, C]
+    if not torch.all(is_target.any(-1)):
+        raise ValueError("every target id must be one of the candidates")
+    out = logits.masked_fill(own & ~is_target, MASK_VALUE), is_target.to(torch.int8).argmax(-1)
+    return out + (log_counts,) if return_log_counts else out
 
 
 def inbatch_softmax_loss(
@@ -51,24 +91,8 @@ def inbatch_softmax_loss(
     per-slot reference): there too, every slot holding an item of the user's sequence is masked except the
     target's own slot, so copies of the target in other users' slots are not negatives either.
     """
-    valid = target_ids > 0
-    rows = valid.nonzero(as_tuple=True)[0]  # example of each position with a target
-    targets = target_ids[valid]
-    logits = user_vecs[valid] @ cand_vecs.t()  # [N, C]: only positions that have a loss
-    if log_pop is not None:
-        logits = logits - log_pop.to(logits.dtype)[None, :]
-    own = (example_items[:, :, None] == cand_ids[None, None, :]).any(1)  # [B, C]
-    if example_users is not None:
-        same_user = (example_users[:, None] == example_users[None, :]).to(logits.dtype)
-        own = (same_user @ own.to(logits.dtype)) > 0
-    own = own[rows]
-    if cand_counts is not None:
-        logits = logits + torch.where(own, 0.0, cand_counts.to(logits.dtype).log()[None, :])
-    is_target = targets[:, None] == cand_ids[None, :]  # [N, C]
-    if not torch.all(is_target.any(-1)):
-        raise ValueError("every target id must be one of the candidates")
-    logits = logits.masked_fill(own & ~is_target, MASK_VALUE)
-    return F.cross_entropy(logits, is_target.to(torch.int8).argmax(-1))
+    return F.cross_entropy(*inbatch_logits(user_vecs, target_ids, cand_ids, cand_vecs, example_items, example_users,
+                                           log_pop, cand_counts))
 
 
 def bce_loss(user_vecs: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor) -> torch.Tensor:
@@ -124,3 +148,37 @@ def full_softmax_loss(
     if first_id == 0:
         logits[:, 0] = float("-inf")
     return F.cross_entropy(logits, target_ids[valid] - first_id)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, detach_teacher: bool = False,
+            log_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft-target distillation over logits ``[N, C]``: ``tau^2 * mean_n -sum_c softmax(T/tau) log_softmax(S/tau)``
+    (cross-entropy to the teacher's softened distribution: KL plus the teacher's entropy). ``detach_teacher=False``
+    (ODMT's online distillation): gradients flow into the teacher too. Computed in float32 at least.
+
+    ``log_counts`` (from :func:`inbatch_logits`): the logits are merged in-batch columns, column ``c`` standing for
+    ``n_c = exp(log_counts[c])`` batch slots with its count already added. The distillation is then the original's
+    over the slots (each slot's logit divided by ``tau``, not the count):
+    ``-tau^2 mean_n sum_c P_c (log_softmax(S'/tau + w)_c - w_c)`` with ``S' = S - w``, ``P = softmax(T'/tau + w)``."""
+    if detach_teacher:
+        teacher = teacher.detach()
+    t = float(temperature)
+    dtype = torch.promote_types(student.dtype, torch.float32)  # half-precision logits (AMP) in float32 at least
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    if log_counts is None:
+        soft = F.softmax(teacher / t, dim=-1)
+        return -(soft * F.log_softmax(student / t, dim=-1)).sum(-1).mean() * t * t
+    w = log_counts.to(dtype)
+    soft = F.softmax((teacher - w) / t + w, dim=-1)
+    return -(soft * (F.log_softmax((student - w) / t + w, dim=-1) - w)).sum(-1).mean() * t * t
+
+
+def kd_rampup(epoch: int, alpha: float) -> float:
+    """ODMT's distillation weight at ``epoch`` (0-based): ``exp(-5 (1 - min(epoch, alpha) / alpha)^2)``, a sigmoid
+    ramp-up reaching 1 at ``alpha`` epochs; ``alpha < 1``: the constant ``alpha`` (0 switches distillation off)."""
+    import math
+
+    alpha = float(alpha)
+    if alpha < 1:
+        return alpha
+    return math.exp(-5.0 * (1.0 - min(float(epoch), alpha) / alpha) ** 2)

@@ -218,6 +218,16 @@ class MMTrainer(Trainer):
         self._in_fit = False
         self._fit_memory = None
         self._fit_seconds = None
+        # models scoring by several branches (``model.branches``, ``model.eval_branch``): each branch's metrics too
+        self.branch_valid_result = self.branch_test_result = None
+        self.branch_valid_history: list = []
+        self._last_branches = None
+        self.eval_branches = bool(cfg_get(config, "eval_branches", True))
+        if self.clip_grad_norm and self.enable_scaler:
+            logging.getLogger().warning(
+                "clip_grad_norm with AMP loss scaling: RecBole 1.2.1 clips the scaled gradients (it does not unscale "
+                "them first), so the clipping norm is in effect multiplied by the scale; turn enable_amp off to clip "
+                "as configured")
 
     def _build_optimizer(self, **kwargs):
         groups_fn = getattr(self.model, "optimizer_groups", None)
@@ -247,6 +257,7 @@ class MMTrainer(Trainer):
         for group in GROUPS:
             setattr(self, f"{group}_valid_result", best.get(group))
         self.valid_rows = best.get("rows")
+        self.branch_valid_result = best.get("branches")
         return result
 
     @property
@@ -255,7 +266,8 @@ class MMTrainer(Trainer):
 
         - ``seconds_per_epoch``: mean wall seconds of a training epoch (validation excluded; ``None`` with
           ``epochs: 0``), over ``train_epochs`` epochs; ``fit_seconds``: the whole fit, validation included;
-        - ``seconds_per_eval``: mean wall seconds of an evaluation pass (the validations, and the test once run);
+        - ``seconds_per_eval``: mean wall seconds of an evaluation pass (the validations, and the test once run;
+          the extra per-branch passes of a model with ``branches`` are not counted);
         - ``peak_memory_mib``: peak memory during fit; ``memory_kind`` says which: ``cpu_rss`` (the process's RSS)
           or ``cuda_allocated`` (``torch.cuda.max_memory_allocated``); ``peak_memory_increase_mib``: the same minus
           the figure at fit start (what the training itself added: activations, gradients, optimizer state);
@@ -303,6 +315,9 @@ class MMTrainer(Trainer):
         self.eval_collector.groups = groups
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        set_epoch = getattr(self.model, "set_epoch", None)
+        if callable(set_epoch):  # models whose loss depends on the epoch (ODMT's distillation ramp-up)
+            set_epoch(epoch_idx)
         start = time.perf_counter()
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.epoch_seconds.append(time.perf_counter() - start)
@@ -313,7 +328,10 @@ class MMTrainer(Trainer):
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.valid_score_history.append(float(score))
         self.valid_epoch_history.append(len(self.train_loss_history) - 1)
-        self._valid_pairs.append((result, dict(self._last_groups, rows=self._last_rows)))
+        self._valid_pairs.append((result, dict(self._last_groups, rows=self._last_rows, branches=self._last_branches)))
+        if self._last_branches is not None:
+            self.branch_valid_history.append(self._last_branches)
+            self.logger.info(set_color("valid result per branch", "blue") + ": " + branch_line(self._last_branches))
         return score, result
 
     # ------------------------------------------------------------- evaluate
@@ -356,16 +374,41 @@ class MMTrainer(Trainer):
         try:
             result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
                                       show_progress=show_progress)
+            self.eval_seconds.append(time.perf_counter() - start)  # the model's own pass (branches apart)
+            self._last_groups = self._group_results()
+            self._last_rows = self.eval_collector.last_rows
+            self._last_branches = self._evaluate_branches(eval_data, show_progress) if eval_data else None
         finally:
             self._history = None
-        self.eval_seconds.append(time.perf_counter() - start)
-        self._last_groups = self._group_results()
-        self._last_rows = self.eval_collector.last_rows
         if not self._in_fit:
             for group in GROUPS:
                 setattr(self, f"{group}_test_result", self._last_groups.get(group))
             self.test_rows = self._last_rows
+            self.branch_test_result = self._last_branches
+            if self._last_branches is not None:
+                self.logger.info(set_color("test result per branch", "blue") + ": " + branch_line(self._last_branches))
         return result
+
+    def _evaluate_branches(self, eval_data, show_progress: bool):
+        """``{branch: metrics}`` for a model with ``branches``: the same pass again with ``model.eval_branch`` set
+        (the item matrix computed by the ensemble's pass is reused; history masked the same way)."""
+        branches = tuple(getattr(self.model, "branches", None) or ())
+        if not branches or not self.eval_branches:
+            return None
+        out = {}
+        wandb, wandb_on = getattr(self, "wandblogger", None), getattr(getattr(self, "wandblogger", None), "enabled", False)
+        try:
+            if wandb is not None:
+                wandb.enabled = False  # the branch passes are not the model's evaluation
+            for name in branches:
+                self.model.eval_branch = name
+                out[name] = dict(super().evaluate(eval_data, load_best_model=False, show_progress=show_progress))
+        finally:
+            self.model.eval_branch = None
+            if wandb is not None:
+                wandb.enabled = wandb_on
+            self.eval_collector.take_group_structs()  # cold / new structs of the branch passes: not reported
+        return out
 
     def _group_results(self) -> dict:
         structs = self.eval_collector.take_group_structs()
@@ -398,6 +441,11 @@ class MMTraditionalTrainer(MMTrainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.epochs = 1
+
+
+def branch_line(branches: dict) -> str:
+    """``id hit@10 0.1234 ndcg@10 0.0567 | text ...`` for the log."""
+    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) for name, metrics in branches.items())
 
 
 def efficiency_line(eff: dict) -> str:

@@ -4,6 +4,7 @@ from recbole_mm.model.sequential_recommender.contentknn import ContentKNN
 from recbole_mm.model.sequential_recommender.iisan import IISAN, IISANVersa
 from recbole_mm.model.sequential_recommender.mmsr import MMSR
 from recbole_mm.model.sequential_recommender.morec import MoRec
+from recbole_mm.model.sequential_recommender.odmt import ODMT
 from recbole_mm.model.sequential_recommender.pmmrec import PMMRec
 
-__all__ = ["ContentKNN", "IISAN", "IISANVersa", "MMSR", "MoRec", "PMMRec"]
+__all__ = ["ContentKNN", "IISAN", "IISANVersa", "MMSR", "MoRec", "ODMT", "PMMRec"]

@@ -31,8 +31,9 @@ class IISAN(MMSequentialRecommender):
     --kind taps``; text taps pooled by ``tap_pooling``, image taps by ``image_pooling``); training and evaluation
     read them and run only the side network (intra-modal SANs for text and image, an inter-modal SAN, their heads
     and ``com_dense``; :mod:`recbole_mm.layers.side_network`) and the papers' SASRec user encoder, with the
-    in-batch loss. ``text_taps`` / ``image_taps`` choose the cached hidden states (``~``: all of them, then
-    LayerDrop keeps every other one counting back from the last when ``layerdrop: True``).
+    in-batch loss. ``text_taps`` / ``image_taps`` choose the cached hidden states (``~``: all of them); with
+    ``layerdrop: True`` LayerDrop then keeps every other cached tap counting back from the last (``layerdrop: False``
+    reads an explicit list as it is).
 
     ``mode: uncached`` (the original's ``Code_Uncached``, for the efficiency comparison) runs the frozen encoders
     on every batch's items instead (no gradients, eval mode); the same weights give the same item vectors as a
@@ -42,6 +43,7 @@ class IISAN(MMSequentialRecommender):
         - CNN image encoders (EfficientNet, ...; not in the original): the taps are the stem output and every
           stage's output, spatially mean-pooled; stages of different widths are zero-padded to the widest in the
           cache and mapped to it by one Linear per tap (:class:`~recbole_mm.layers.side_network.StageAlign`).
+        - ``mode: uncached`` checkpoints hold the frozen encoders' weights too (they are part of the module).
         - Side-network deviations: :mod:`recbole_mm.layers.side_network`.
     """
 
