@@ -6,6 +6,7 @@ Public API::
     recbole_mm.run_recbole(model="MoRec", dataset="ml-100k-mm", config_dict={...})
     recbole_mm.objective_function        # for recbole.trainer.HyperTuning
     recbole_mm.load_data_and_model(path)
+    recbole_mm.evaluate_checkpoint(path)  # evaluate a saved run again, with its protocol (cold / new / branches)
     recbole_mm.register_model            # decorator for your own models
     recbole_mm.list_models()
     recbole_mm.install()                 # patch RecBole's own entry points now (otherwise: on their import)
@@ -37,6 +38,7 @@ _registry.add_discovery_hook(_discover_plugin_models)
 __all__ = [
     "Config",
     "__version__",
+    "evaluate_checkpoint",
     "get_model",
     "install",
     "is_model",
@@ -47,7 +49,7 @@ __all__ = [
     "run_recbole",
 ]
 
-_LAZY = ("Config", "load_data_and_model", "objective_function", "run_recbole")
+_LAZY = ("Config", "evaluate_checkpoint", "load_data_and_model", "objective_function", "run_recbole")
 
 
 def __getattr__(name):
@@ -56,7 +58,7 @@ def __getattr__(name):
         from recbole_mm.config import Config
 
         return Config
-    if name in ("load_data_and_model", "objective_function", "run_recbole"):
+    if name in ("evaluate_checkpoint", "load_data_and_model", "objective_function", "run_recbole"):
         from recbole_mm import quick_start
 
         return getattr(quick_start, name)

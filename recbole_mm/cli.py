@@ -169,6 +169,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import recbole_mm
+
+    with _plain_argv():
+        result = recbole_mm.evaluate_checkpoint(args.checkpoint, split=args.split)
+    print(f"\n{result['model']} on {result['dataset']} ({args.split}, {result['checkpoint_file']})\n\n"
+          f"{results_table(result_rows(result))}\n")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(result), f, indent=1)
+        print(f"results: {args.output}")
+    return 0
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -422,7 +436,8 @@ DATA_PATH_HELP = "folder holding <dataset>/ (same as data_path=DIR; default: con
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recbole-mm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,tune,extract,convert,models,info,tpme}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{run,evaluate,tune,extract,convert,models,info,tpme}")
 
     def common(sp, with_model=True, model_help="model name"):
         if with_model:
@@ -443,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", help="write a training-curve PNG (loss and valid score per epoch) here")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (YAML values)")
     r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("evaluate", help="evaluate a saved checkpoint again",
+                       description="Evaluate a checkpoint written by a run (its config, dataset and protocol: history "
+                                   "masked, cold / new item groups, each branch of a multi-branch model).")
+    v.add_argument("checkpoint", help="the .pth file (checkpoint_file of a run)")
+    v.add_argument("--split", choices=["test", "valid"], default="test")
+    v.add_argument("--output", "-o", help="also write the result dict as JSON here")
+    debug(v)
+    v.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("tune", help="hyper-parameter search (RecBole HyperTuning, hyperopt)",
                        description="Hyper-parameter search with RecBole's HyperTuning (hyperopt).")
@@ -545,6 +569,10 @@ def _check_paths(args) -> None:
                              f"fix the file (key: value per line)") from e
         if content is not None and not isinstance(content, dict):
             raise ValueError(f"config file {path!r} must hold 'key: value' lines, not a {type(content).__name__}")
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist; give the checkpoint_file a run printed "
+                                "(saved/<Model>-<date>.pth)")
     data_path = getattr(args, "data_path", None)
     if data_path and not os.path.isdir(data_path):
         raise FileNotFoundError(f"--data-path {data_path!r} is not a folder; give the folder that holds <dataset>/")

@@ -185,3 +185,28 @@ def load_data_and_model(model_file):
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
+
+
+def evaluate_checkpoint(model_file, split: str = "test") -> dict:
+    """Evaluate a saved checkpoint again (in any process), under the run's own protocol: a result dict in the shape
+    ``run_recbole`` returns for that split (``test_result`` or ``best_valid_result``, cold / new item groups with
+    their rows, each branch's results for a model with several), plus ``model``, ``dataset``, ``checkpoint_file``.
+    """
+    if split not in ("test", "valid"):
+        raise ValueError(f"split must be test or valid, got {split!r}")
+    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(model_file)
+    trainer = get_trainer(config["MODEL_TYPE"], registry.model_class_of(config))(config, model)
+    if hasattr(trainer, "_set_item_groups"):  # cold / new groups from the training split, as in the run
+        trainer._set_item_groups(train_data._dataset, is_train_split=True)
+    data = test_data if split == "test" else valid_data
+    result = trainer.evaluate(data, load_best_model=False, show_progress=bool(config["show_progress"]))
+    out = {"model": config["model"], "dataset": config["dataset"], "checkpoint_file": os.path.abspath(model_file),
+           "split": split, ("test_result" if split == "test" else "best_valid_result"): result}
+    # the trainer files an evaluation outside fit under *_test_*: name it after the split evaluated
+    for key in ("cold_test_result", "new_test_result", "test_rows", "branch_test_result"):
+        value = getattr(trainer, key, None)
+        if value is not None:
+            out[key.replace("test", split)] = value
+    if getattr(trainer, "cold_threshold_used", None) is not None:
+        out["cold_threshold_used"] = trainer.cold_threshold_used
+    return out

@@ -218,3 +218,26 @@ def test_info_verify_shows_a_bar_per_feature_file(tiny_root, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "checksum ok" in out and "verify feature files" not in out
     assert "verify feature files: 100%" in err.replace("\r", "\n"), err[-1000:]
+
+
+def test_evaluate_a_checkpoint_again(tiny_config, tmp_path, capsys):
+    """`recbole-mm evaluate CHECKPOINT` gives the run's own test results (cold / new groups included), and the
+    valid split on request; a missing file is one clear line."""
+    import json
+
+    import recbole_mm
+
+    result = recbole_mm.run_recbole(model="SASRec", dataset="mm-tiny", config_dict=dict(tiny_config, new_item_ratio=0.1))
+    out = tmp_path / "again.json"
+    assert cli(["evaluate", result["checkpoint_file"], "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    again = json.loads(out.read_text())
+    assert again["test_result"] == pytest.approx(dict(result["test_result"]))
+    for key in ("cold_test_result", "new_test_result", "test_rows"):
+        assert again[key] == (pytest.approx(result[key]) if isinstance(result[key], dict) else result[key]), key
+    assert "| test, cold items" in printed and "| test, new items" in printed
+    assert cli(["evaluate", result["checkpoint_file"], "--split", "valid", "-o", str(out)]) == 0
+    valid = json.loads(out.read_text())
+    assert valid["best_valid_result"] == pytest.approx(dict(result["best_valid_result"]))
+    assert cli(["evaluate", str(tmp_path / "nope.pth")]) == 1
+    assert "does not exist" in capsys.readouterr().err
