@@ -23,7 +23,6 @@ lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the re
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 import torch
@@ -32,8 +31,9 @@ from recbole.utils import InputType
 
 from recbole_mm.data.dataset import MMSequentialDataset, seq_mode_of, train_item_counts, training_user_item_keys
 from recbole_mm.model import losses
+from recbole_mm.model.content import ContentMixin, FeatureMismatchError  # noqa: F401 (re-exported)
 from recbole_mm.trainer import MMTrainer
-from recbole_mm.utils import cfg_get, preserved_rng
+from recbole_mm.utils import cfg_get
 
 SEQ_MODES = ("all_position", "prefix")
 MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
@@ -62,11 +62,7 @@ def is_restoring_checkpoint() -> bool:
     return bool(getattr(_RESTORING, "on", False))
 
 
-class FeatureMismatchError(ValueError):
-    """A checkpoint loaded onto frozen features other than those it was trained on."""
-
-
-class MMSequentialRecommender(SequentialRecommender):
+class MMSequentialRecommender(ContentMixin, SequentialRecommender):
     """Base class (module docstring). Subclasses set ``item_tower`` and ``seq_encoder``."""
 
     input_type = InputType.POINTWISE
@@ -77,7 +73,7 @@ class MMSequentialRecommender(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.content = dataset.item_content
+        self.init_content(config, dataset)
         self.seq_mode = seq_mode_of(config)
         self.loss_name = cfg_get(config, "loss", "inbatch")
         if self.seq_mode not in SEQ_MODES:
@@ -97,7 +93,6 @@ class MMSequentialRecommender(SequentialRecommender):
         self.item_matrix_batch_size = int(cfg_get(config, "item_matrix_batch_size", 256))
         # AMP only helps (and is only enabled) on CUDA; the trainer's autocast covers training
         self.amp = bool(cfg_get(config, "enable_amp", False)) and torch.device(config["device"]).type == "cuda"
-        self.show_progress = bool(cfg_get(config, "show_progress", False))
         counts = torch.as_tensor(train_item_counts(dataset), dtype=torch.float64).clamp(min=1.0)
         self.register_buffer("log_pop", (counts / counts.sum()).log().float(), persistent=False)
         keys = getattr(dataset, "train_user_item_keys", None)
@@ -105,34 +100,11 @@ class MMSequentialRecommender(SequentialRecommender):
         self.register_buffer("train_keys", torch.as_tensor(keys, dtype=torch.int64), persistent=False)
         # weights loaded from a checkpoint (directly or through a wrapper such as DDP) make the cache stale
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.invalidate_item_matrix())
-        self._feature_fingerprints: dict = {}  # path -> fingerprint of each frozen feature file read (frozen_features)
         self.items_encoded_train = 0
         self.items_encoded_eval = 0
         self._item_matrix = None
 
     # ------------------------------------------------------------------ items
-    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled", taps=None):
-        """Frozen features of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0 zeros), extracted
-        on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
-        ``[n_items, d]``; ``kind="tokens"`` / ``"taps"`` (hidden-state indices ``taps``, all when ``None``): a
-        :class:`~recbole_mm.data.content.FeatureLookup` over the memory map ``[n, T, d]`` (stored as
-        ``token_feature_dtype``, float16 by default)."""
-        from recbole_mm.extract import default_feature_path, get_or_extract, spec_from_config
-
-        spec = spec_from_config(config, modality, kind=kind, taps=taps)
-        if kind in ("tokens", "taps"):
-            spec.dtype = cfg_get(config, "token_feature_dtype", "float16")
-        if modality == "image" and not os.path.isfile(
-                default_feature_path(dataset.dataset_path, spec, cfg_get(config, "features_dir"))):
-            self.require_images()
-        with preserved_rng():  # extracting on first use must not change this model's initial weights
-            path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
-        features = self.content.feature_lookup(path) if kind in ("tokens", "taps") else self.content.features(path)
-        # this model's own record (the content object is shared by every model built on the dataset)
-        self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
-            os.path.abspath(path)])
-        return features
-
     def read_content_keys(self, config, default_modality: str, default_fusion: str) -> list:
         """Read and check the content keys shared by the content models (``modality``, ``mode``, ``fusion``,
         ``embedding_size``); returns the modalities in order (text first)."""
@@ -150,14 +122,6 @@ class MMSequentialRecommender(SequentialRecommender):
             raise ValueError(f"{name}: loss 'ce' scores every item at every step, too costly with mode end2end: use "
                              "loss inbatch or bce, or mode two_stage (cached features)")
         return MODALITIES[self.modality]
-
-    def require_images(self) -> None:
-        """A model that reads images on a dataset without any is an error (not a catalogue of placeholders)."""
-        if self.content.count_images() == 0:
-            raise ValueError(
-                f"{type(self).__name__} reads item images (modality {getattr(self, 'modality', 'image')!r}), but no item "
-                f"of dataset {self.content.dataset_name} has an image in {self.content.image_dir()}: use modality "
-                "text, or put <item_token>.jpg files there (image_dir)")
 
     def build_content_tower(self, config, dataset, modality: str, mode: str, d: int, tokens: bool = False,
                             head_layers: int = 0, activation: bool = True):
@@ -380,36 +344,6 @@ class MMSequentialRecommender(SequentialRecommender):
     def predict(self, interaction):
         user = self.score_users(self.user_vector(interaction))
         return (user * self.score_items(self.item_matrix()[interaction[self.ITEM_ID]])).sum(-1)
-
-    # ------------------------------------------------------------ checkpoints
-    FEATURES_KEY = "recbole_mm_features"
-
-    def feature_fingerprints(self) -> dict:
-        """``{"<encoder folder>/<file>": fingerprint}`` of the frozen feature files this model was built on."""
-        return {"/".join(os.path.normpath(p).split(os.sep)[-2:]): dict(fp) for p, fp in self._feature_fingerprints.items()}
-
-    def other_parameter(self):
-        """RecBole saves this in checkpoints: also the fingerprints of the features the model was trained on."""
-        out = dict(super().other_parameter() or {})
-        out[self.FEATURES_KEY] = self.feature_fingerprints()
-        return out
-
-    def load_other_parameter(self, para):
-        """Loading a checkpoint onto features other than those it was trained on is an error (not a silent
-        mismatch): a re-extracted, permuted or replaced feature file changes its sha256."""
-        para = dict(para or {})
-        saved = para.pop(self.FEATURES_KEY, None)
-        if saved:
-            now = self.feature_fingerprints()
-            for name, fp in saved.items():
-                have = now.get(name)
-                if have is None or have.get("sha256") != fp.get("sha256"):
-                    raise FeatureMismatchError(
-                        f"this checkpoint was trained on the features {name} (sha256 {str(fp.get('sha256'))[:12]}..., "
-                        f"shape {fp.get('shape')}), but the model now reads "
-                        + (f"sha256 {str(have.get('sha256'))[:12]}..." if have else "no such file")
-                        + ": restore that feature file (same encoder and settings) or retrain on the current one")
-        super().load_other_parameter(para or None)
 
     # ------------------------------------------------------------- optimizer
     def encoder_parameter_names(self) -> set:

@@ -1,0 +1,86 @@
+"""Frozen item content for the plugin's models (sequential and general): features extracted on first use and read by
+item token, the image check, and the checkpoint's record of the feature files a model was trained on.
+
+:class:`ContentMixin` goes before RecBole's recommender class (``class M(ContentMixin, SequentialRecommender)``);
+the model calls :meth:`ContentMixin.init_content` in ``__init__`` after ``super().__init__``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from recbole_mm.utils import cfg_get, preserved_rng
+
+
+class FeatureMismatchError(ValueError):
+    """A checkpoint loaded onto frozen features other than those it was trained on."""
+
+
+class ContentMixin:
+    """``self.content`` (the dataset's :class:`~recbole_mm.data.content.ItemContent`), :meth:`frozen_features`,
+    :meth:`require_images` and the feature fingerprints saved with checkpoints."""
+
+    def init_content(self, config, dataset) -> None:
+        self.content = dataset.item_content
+        self.show_progress = bool(cfg_get(config, "show_progress", False))
+        self._feature_fingerprints: dict = {}  # path -> fingerprint of each frozen feature file read (frozen_features)
+
+    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled", taps=None):
+        """Frozen features of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0 zeros), extracted
+        on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
+        ``[n_items, d]``; ``kind="tokens"`` / ``"taps"`` (hidden-state indices ``taps``, all when ``None``): a
+        :class:`~recbole_mm.data.content.FeatureLookup` over the memory map ``[n, T, d]`` (stored as
+        ``token_feature_dtype``, float16 by default)."""
+        from recbole_mm.extract import default_feature_path, get_or_extract, spec_from_config
+
+        spec = spec_from_config(config, modality, kind=kind, taps=taps)
+        if kind in ("tokens", "taps"):
+            spec.dtype = cfg_get(config, "token_feature_dtype", "float16")
+        if modality == "image" and not os.path.isfile(
+                default_feature_path(dataset.dataset_path, spec, cfg_get(config, "features_dir"))):
+            self.require_images()
+        with preserved_rng():  # extracting on first use must not change this model's initial weights
+            path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
+        features = self.content.feature_lookup(path) if kind in ("tokens", "taps") else self.content.features(path)
+        # this model's own record (the content object is shared by every model built on the dataset)
+        self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
+            os.path.abspath(path)])
+        return features
+
+    def require_images(self) -> None:
+        """A model that reads images on a dataset without any is an error (not a catalogue of placeholders)."""
+        if self.content.count_images() == 0:
+            raise ValueError(
+                f"{type(self).__name__} reads item images (modality {getattr(self, 'modality', 'image')!r}), but no item "
+                f"of dataset {self.content.dataset_name} has an image in {self.content.image_dir()}: use modality "
+                "text, or put <item_token>.jpg files there (image_dir)")
+
+    # ------------------------------------------------------------ checkpoints
+    FEATURES_KEY = "recbole_mm_features"
+
+    def feature_fingerprints(self) -> dict:
+        """``{"<encoder folder>/<file>": fingerprint}`` of the frozen feature files this model was built on."""
+        return {"/".join(os.path.normpath(p).split(os.sep)[-2:]): dict(fp) for p, fp in self._feature_fingerprints.items()}
+
+    def other_parameter(self):
+        """RecBole saves this in checkpoints: also the fingerprints of the features the model was trained on."""
+        out = dict(super().other_parameter() or {})
+        out[self.FEATURES_KEY] = self.feature_fingerprints()
+        return out
+
+    def load_other_parameter(self, para):
+        """Loading a checkpoint onto features other than those it was trained on is an error (not a silent
+        mismatch): a re-extracted, permuted or replaced feature file changes its sha256."""
+        para = dict(para or {})
+        saved = para.pop(self.FEATURES_KEY, None)
+        if saved:
+            now = self.feature_fingerprints()
+            for name, fp in saved.items():
+                have = now.get(name)
+                if have is None or have.get("sha256") != fp.get("sha256"):
+                    raise FeatureMismatchError(
+                        f"this checkpoint was trained on the features {name} (sha256 {str(fp.get('sha256'))[:12]}..., "
+                        f"shape {fp.get('shape')}), but the model now reads "
+                        + (f"sha256 {str(have.get('sha256'))[:12]}..." if have else "no such file")
+                        + ": restore that feature file (same encoder and settings) or retrain on the current one")
+        super().load_other_parameter(para or None)

@@ -1,0 +1,84 @@
+"""``MMGeneralRecommender``: the base of the general (user-item, graph) multimodal recommenders (FREEDOM, LATTICE,
+FMMRec), beside :class:`~recbole_mm.model.abstract.MMSequentialRecommender`.
+
+- frozen item features read by item token (:class:`~recbole_mm.model.content.ContentMixin`: extracted on first use,
+  fingerprinted in checkpoints);
+- pairwise input: RecBole's uniform negative sampler gives one negative per positive outside the user's training
+  items (``train_neg_sample_args``), the BPR loss is :func:`bpr_loss`;
+- the training interactions as index tensors (:meth:`MMGeneralRecommender.training_edges`) for the sparse graphs of
+  :mod:`recbole_mm.layers.graph`;
+- full sort over all items: the user and item matrices are computed once per evaluation pass (``user_item_matrices``
+  of the subclass, cached until training resumes or weights are loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+from recbole.model.abstract_recommender import GeneralRecommender
+from recbole.utils import InputType
+from torch.nn import functional as F
+
+from recbole_mm.data.dataset import MMDataset
+from recbole_mm.model.content import ContentMixin
+from recbole_mm.trainer import MMTrainer
+from recbole_mm.utils import cfg_get
+
+MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
+
+
+def bpr_loss(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """``-mean log sigmoid(u.p - u.n)`` over rows of ``[B, D]``."""
+    return -F.logsigmoid((users * pos).sum(-1) - (users * neg).sum(-1)).mean()
+
+
+class MMGeneralRecommender(ContentMixin, GeneralRecommender):
+    """Base class (module docstring). Subclasses implement ``user_item_matrices(training) -> (users [n_users, D],
+    items [n_items, D])`` and ``calculate_loss``."""
+
+    input_type = InputType.PAIRWISE
+    dataset_class = MMDataset
+    trainer_class = MMTrainer
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.init_content(config, dataset)
+        self.modality = cfg_get(config, "modality", "text+image")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"{type(self).__name__} modality must be one of {sorted(MODALITIES)}, got {self.modality!r}")
+        self.modalities = MODALITIES[self.modality]
+        self._matrices = None
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.invalidate_matrices())
+
+    def training_edges(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(users, items)`` int64 tensors of the training interactions (internal ids)."""
+        coo = dataset.inter_matrix(form="coo")
+        return torch.as_tensor(coo.row, dtype=torch.int64), torch.as_tensor(coo.col, dtype=torch.int64)
+
+    # ------------------------------------------------------------- inference
+    def user_item_matrices(self, training: bool):
+        raise NotImplementedError
+
+    def invalidate_matrices(self) -> None:
+        self._matrices = None
+
+    def invalidate_item_matrix(self) -> None:  # MMTrainer calls this at the start of every evaluation pass
+        self.invalidate_matrices()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.invalidate_matrices()
+        return super().train(mode)
+
+    def _eval_matrices(self):
+        if self._matrices is None or self.training:
+            with torch.no_grad():
+                self._matrices = self.user_item_matrices(training=False)
+        return self._matrices
+
+    def predict(self, interaction):
+        users, items = self._eval_matrices()
+        return (users[interaction[self.USER_ID]] * items[interaction[self.ITEM_ID]]).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        users, items = self._eval_matrices()
+        return users[interaction[self.USER_ID]] @ items.t()

@@ -1,0 +1,5 @@
+"""General (user-item graph) multimodal models (one model per file; the file is named after the model)."""
+
+from recbole_mm.model.general_recommender.freedom import FREEDOM
+
+__all__ = ["FREEDOM"]

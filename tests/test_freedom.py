@@ -1,0 +1,117 @@
+"""FREEDOM (the first general multimodal backbone): by name, its item-item graph and propagation against dense
+computations written here, the pruned graph of each epoch, evaluation on the whole graph."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import recbole_mm
+from recbole_mm.testing import build_run
+
+FREEDOM_TINY = {"embedding_size": 16, "feat_embed_dim": 16, "image_size": 32, "text_max_length": 16, "epochs": 2,
+                "train_batch_size": 512, "knn_k": 4}
+
+
+@pytest.fixture
+def freedom_cfg(tiny_config, tiny_bert, tiny_vit):
+    return dict(tiny_config, **FREEDOM_TINY, text_encoder=tiny_bert, image_encoder=tiny_vit)
+
+
+def _dense_knn(feats: torch.Tensor, k: int):
+    """Binary top-k cosine graph (itself included; rows of zeros without neighbours), ``D^-1/2 A D^-1/2``, in float64
+    over the dense similarity matrix; and the rows whose k-th and (k+1)-th similarities are at least 1e-4 apart
+    (the others have near-ties that float32 may order either way)."""
+    norms = feats.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, feats / norms.clamp(min=1e-30), torch.zeros_like(feats))
+    sims = unit @ unit.t()
+    real = norms[:, 0] > 0
+    sims[:, ~real] = -float("inf")
+    top = sims.topk(k + 1, dim=1)
+    adj = torch.zeros_like(sims)
+    adj.scatter_(1, top.indices[:, :k], 1.0)
+    adj[~real] = 0.0
+    deg = adj.sum(1)
+    scale = torch.where(deg > 0, deg.clamp(min=1e-12) ** -0.5, torch.zeros_like(deg))
+    clear = (top.values[:, k - 1] - top.values[:, k] >= 1e-4) | ~real
+    return scale[:, None] * adj * scale[None, :], clear
+
+
+def test_freedom_runs_by_name(freedom_cfg):
+    result = recbole_mm.run_recbole(model="FREEDOM", dataset="mm-tiny", config_dict=freedom_cfg)
+    assert 0.0 <= result["test_result"]["recall@20"] <= 1.0
+    assert result["efficiency"]["trainable_params"] > 0
+
+
+def test_item_graph_and_propagation_equal_dense_computations(freedom_cfg):
+    model = build_run("FREEDOM", "mm-tiny", freedom_cfg)[5]
+    feats = {m: t.weight.detach().double() for m, t in model.feature_tables.items()}
+    (image, clear_i), (text, clear_t) = _dense_knn(feats["image"], 4), _dense_knn(feats["text"], 4)
+    want = 0.1 * image + 0.9 * text
+    clear = clear_i & clear_t
+    assert clear.sum() >= 100  # (tiny random encoders: many near-ties elsewhere)
+    got = model.mm_adj.to_dense().double()
+    torch.testing.assert_close(got[clear], want[clear], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.sum(1), want.sum(1))  # every row: k neighbours of weight 1 / k per modality
+    # LightGCN over the whole graph, by dense matrices
+    users, items = model.edges
+    n_u, n_i = model.n_users, model.n_items
+    a = torch.zeros(n_u + n_i, n_u + n_i, dtype=torch.float64)
+    a[users, n_u + items] = 1.0
+    a[n_u + items, users] = 1.0
+    deg = a.sum(1)
+    s = torch.where(deg > 0, deg.clamp(min=1e-12) ** -0.5, torch.zeros_like(deg))
+    norm = s[:, None] * a * s[None, :]
+    ego = torch.cat([model.user_embedding.weight, model.item_id_embedding.weight]).detach().double()
+    layers = [ego, norm @ ego, norm @ norm @ ego]
+    mean = torch.stack(layers).mean(0)
+    h = got @ model.item_id_embedding.weight.detach().double()  # (the graph itself is checked above)
+    model.eval()
+    got_u, got_i = model.user_item_matrices(training=False)
+    torch.testing.assert_close(got_u.double(), mean[:n_u], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_i.double(), mean[n_u:] + h, rtol=1e-4, atol=1e-5)
+    batch = {model.USER_ID: torch.tensor([1, 2, 3])}
+    torch.testing.assert_close(model.full_sort_predict(batch).double(), (mean[:n_u] @ (mean[n_u:] + h).t())[[1, 2, 3]],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_each_epoch_draws_a_pruned_graph_and_evaluation_uses_the_whole_one(freedom_cfg):
+    _, _, train, _, _, model, _ = build_run("FREEDOM", "mm-tiny", dict(freedom_cfg, edge_dropout=0.8))
+    n_edges = len(torch.unique(model.edges[0] * model.n_items + model.edges[1]))
+    model.set_epoch(0)
+    first = model.masked_adj.coalesce().indices()
+    assert first.shape[1] == 2 * round(0.2 * n_edges)  # both directions of the kept edges
+    model.set_epoch(1)
+    assert not torch.equal(first, model.masked_adj.coalesce().indices())
+    model.train()
+    train_u, _ = model.user_item_matrices(training=True)
+    model.eval()
+    eval_u, _ = model.user_item_matrices(training=False)
+    assert not torch.allclose(train_u, eval_u)
+    # the loss: BPR on the propagated vectors + reg_weight x BPR of the projected features
+    batch = next(iter(train))
+    model.train()
+    u_all, i_all = model.user_item_matrices(training=True)
+    u = u_all[batch[model.USER_ID]]
+    want = -F.logsigmoid((u * i_all[batch[model.ITEM_ID]]).sum(-1) - (u * i_all[batch[model.NEG_ITEM_ID]]).sum(-1)).mean()
+    for m, table in model.feature_tables.items():
+        f = model.feature_proj[m](table.weight)
+        want = want + model.reg_weight * -F.logsigmoid(
+            (u * f[batch[model.ITEM_ID]]).sum(-1) - (u * f[batch[model.NEG_ITEM_ID]]).sum(-1)).mean()
+    torch.testing.assert_close(model.calculate_loss(batch), want)
+
+
+def test_freedom_bad_keys(freedom_cfg):
+    for key, value, match in [("feat_embed_dim", 8, "must equal embedding_size"), ("edge_dropout", 1.0, "edge_dropout"),
+                              ("modality", "audio", "modality must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            build_run("FREEDOM", "mm-tiny", dict(freedom_cfg, **{key: value}))
+
+
+def test_cli_tune_freedom(freedom_cfg, tmp_path):
+    from recbole_mm.cli import main as cli
+
+    overrides = [f"{k}={v}" for k, v in dict(freedom_cfg, epochs=1).items()]
+    out = tmp_path / "tune.md"
+    assert cli(["tune", "--model", "FREEDOM", "--dataset", "mm-tiny", "--space", "reg_weight=choice([0.0, 0.001])",
+                "-o", str(out)] + overrides) == 0
+    assert out.read_text().count("## reg_weight:") == 2
