@@ -1,5 +1,6 @@
 """General (user-item graph) multimodal models (one model per file; the file is named after the model)."""
 
 from recbole_mm.model.general_recommender.freedom import FREEDOM
+from recbole_mm.model.general_recommender.lattice import LATTICE
 
-__all__ = ["FREEDOM"]
+__all__ = ["FREEDOM", "LATTICE"]
