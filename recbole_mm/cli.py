@@ -105,6 +105,20 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(float(v), fmt)
 
 
+def fairness_table(result: dict) -> str:
+    """Markdown table of a run's fairness audit (``result["fairness_result"]``; empty without one)."""
+    audit = result.get("fairness_result")
+    if not audit:
+        return ""
+    lines = ["| attribute | classes | metric | value | chance | held-out users | excluded |", "|---|---|---|---|---|---|---|"]
+    for field, r in audit.items():
+        metrics = ("auc", "auc_hard") if r.get("kind") == "binary" else ("micro_f1", "macro_f1")
+        for m in metrics:
+            lines.append(f"| {field} | {r.get('n_classes')} | {m} | {_num(r.get(m), '.4f')} | {_num(r.get('chance'), '.4f')} "
+                         f"| {r.get('n_test')} | {r.get('excluded')} |")
+    return "\n".join(lines)
+
+
 def efficiency_table(result: dict) -> str:
     """Markdown table of a run's efficiency record (``result["efficiency"]``; empty without one)."""
     eff = result.get("efficiency")
@@ -149,6 +163,8 @@ def cmd_run(args) -> int:
     print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
     if result.get("efficiency"):
         print(f"{efficiency_table(result)}\n")
+    if result.get("fairness_result"):
+        print(f"Fairness: fresh attackers on held-out users (lower = less leakage)\n\n{fairness_table(result)}\n")
     from recbole_mm.config import UNKNOWN_KEY_MESSAGES
 
     for message in UNKNOWN_KEY_MESSAGES:  # the warning at the start has scrolled away by now
@@ -176,6 +192,8 @@ def cmd_evaluate(args) -> int:
         result = recbole_mm.evaluate_checkpoint(args.checkpoint, split=args.split)
     print(f"\n{result['model']} on {result['dataset']} ({args.split}, {result['checkpoint_file']})\n\n"
           f"{results_table(result_rows(result))}\n")
+    if result.get("fairness_result"):
+        print(f"Fairness: fresh attackers on held-out users (lower = less leakage)\n\n{fairness_table(result)}\n")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(_jsonable(result), f, indent=1)

@@ -32,6 +32,9 @@ Each shim says why it exists; ``tests/test_compat.py`` has a test per shim that 
   that fix lives in :class:`recbole_mm.config.Config` (``train_neg_sample_args`` defaults to ``None`` there).
 - pandas 3 and setuptools >= 81 break RecBole too; they are pinned in setup.py (``pandas<3``,
   ``setuptools<81``) rather than shimmed.
+- scipy >= 1.12 no longer makes ``dok_matrix`` a dict subclass, and its private ``_update`` is gone; RecBole's
+  graph models (LightGCN, NGCF, SGL, ...) build their adjacency with ``dok_matrix._update(dict)``:
+  :func:`restore_dok_update` gives ``dok_matrix`` an ``_update`` that fills its key store the same way.
 - RecBole's ``Pop`` counts an item once per training batch however often it occurs there (indexed assignment
   does not accumulate), so its popularity depends on the batch size: :func:`fix_pop_counts` counts every
   occurrence. Traditional models (Pop, ItemKNN, EASE, ...) also get ``train_neg_sample_args: None`` by default
@@ -182,3 +185,18 @@ def fix_pop_counts(module) -> None:
 
     calculate_loss._recbole_mm_fixed = True
     pop.calculate_loss = calculate_loss
+
+
+def restore_dok_update(module) -> None:
+    """``scipy.sparse.dok_matrix._update(dict)`` for RecBole's graph models (module docstring): the ``{(row, col):
+    value}`` entries go into the matrix's key store in one ``dict.update``, as the old dict-based ``dok_matrix``
+    did. Nothing happens where ``_update`` still exists."""
+    for name in ("dok_matrix", "dok_array"):
+        cls = getattr(module, name, None)
+        if cls is None or hasattr(cls, "_update"):
+            continue
+
+        def _update(self, data):
+            self._dict.update(data)
+
+        cls._update = _update

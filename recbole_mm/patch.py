@@ -119,6 +119,7 @@ def watch() -> None:
         when_imported(name, compat.trust_checkpoint_loads_in)
     when_imported("recbole.model.sequential_recommender.sine", compat.undo_recbole_anomaly_mode)
     when_imported("recbole.model.general_recommender.pop", compat.fix_pop_counts)
+    when_imported("scipy.sparse", compat.restore_dok_update)
     when_imported("recbole.quick_start", lambda m: install())
 
 

@@ -35,6 +35,7 @@ from recbole_mm.config import Config
 from recbole_mm.data.utils import create_dataset
 from recbole_mm.threads import configure_threads
 from recbole_mm.trainer.utils import get_trainer
+from recbole_mm.utils import cfg_get
 
 
 def _build(config, logger=None, flops: bool = True):
@@ -71,6 +72,34 @@ EXTRA_RESULT_KEYS = ("cold_valid_result", "cold_test_result", "new_valid_result"
                      "branch_valid_history")
 
 
+def fairness_labels(config, dataset):
+    """``fairness_eval: True`` (general models only): the ``sensitive_fields`` of the ``.user`` file as class labels
+    (:func:`recbole_mm.fairness.sensitive_labels`; a missing field, a single class or no values at all are errors,
+    users without a value are counted out), checked before training; ``None`` when the key is off."""
+    from recbole.utils import ModelType
+
+    if not cfg_get(config, "fairness_eval", False):
+        return None
+    if config["MODEL_TYPE"] != ModelType.GENERAL:
+        raise ValueError(f"fairness_eval audits the user vectors of general (user-item) models; {config['model']} is "
+                         f"{config['MODEL_TYPE'].name.lower()}")
+    from recbole_mm.fairness import sensitive_labels
+
+    fields = list(cfg_get(config, "sensitive_fields", ["gender", "age", "occupation"]))
+    return sensitive_labels(dataset, fields, torch.arange(1, dataset.user_num), bins=cfg_get(config, "sensitive_bins"))
+
+
+def fairness_result(config, model, labels) -> dict:
+    """Fresh attackers trained on 80% of the users' representations try to recover each attribute of the other 20%
+    (:func:`recbole_mm.fairness.audit`): AUC for binary attributes (probability and hard-prediction), micro / macro
+    F1 for the others, with the chance level."""
+    from recbole_mm.fairness import audit
+    from recbole_mm.model.general import user_representations
+
+    vectors = user_representations(model)[1:].detach().cpu()  # internal ids 1.. (0 is padding)
+    return audit(vectors, labels, epochs=int(cfg_get(config, "fairness_epochs", 200)), seed=int(config["seed"] or 0))
+
+
 def trainer_extras(trainer) -> dict:
     """What MMTrainer adds to RecBole's result dict: cold / new item results, histories, timings, the efficiency
     record (``MMTrainer.efficiency``: seconds per epoch / evaluation, peak memory, trainable / total parameters) and,
@@ -95,6 +124,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     logger.info(config)
 
     dataset, train_data, valid_data, test_data, model, trainer = _build(config, logger)
+    labels = fairness_labels(config, dataset)  # bad sensitive fields fail before training
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -115,6 +145,9 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "tensorboard_dir": _abs(getattr(getattr(trainer, "tensorboard", None), "log_dir", None)),
     }
     result.update(trainer_extras(trainer))
+    if labels is not None:
+        result["fairness_result"] = fairness_result(config, model, labels)
+        logger.info(set_color("fairness (attackers on held-out users)", "yellow") + f": {result['fairness_result']}")
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
@@ -209,4 +242,7 @@ def evaluate_checkpoint(model_file, split: str = "test") -> dict:
             out[key.replace("test", split)] = value
     if getattr(trainer, "cold_threshold_used", None) is not None:
         out["cold_threshold_used"] = trainer.cold_threshold_used
+    labels = fairness_labels(config, dataset)
+    if labels is not None:
+        out["fairness_result"] = fairness_result(config, model, labels)
     return out

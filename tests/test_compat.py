@@ -139,3 +139,21 @@ def test_explicit_install_is_idempotent():
 def test_numpy_aliases_follow_numpy_import():
     """numpy imported after recbole_mm gets the aliases from the post-import hook (ray / RecBole need them)."""
     assert _python("import recbole_mm, numpy; print(numpy.float_ is numpy.float64, numpy.bool8 is numpy.bool_)") == "True True"
+
+
+def test_recbole_graph_models_build_their_adjacency_on_todays_scipy():
+    """RecBole's LightGCN calls dok_matrix._update, gone from scipy >= 1.12: the shim restores it, and the matrix it
+    fills equals the one built entry by entry."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    import recbole_mm.patch  # noqa: F401 (the hook is active once recbole_mm is imported)
+
+    entries = {(0, 2): 1.0, (2, 0): 1.0, (1, 3): 2.0}
+    a = sp.dok_matrix((4, 4), dtype=np.float32)
+    a._update(entries)
+    b = sp.dok_matrix((4, 4), dtype=np.float32)
+    for (i, j), v in entries.items():
+        b[i, j] = v
+    assert (a.toarray() == b.toarray()).all() and a.nnz == 3
+    assert (a.tocoo().toarray() == b.toarray()).all() and ((a > 0).sum(axis=1).A1 == [1, 1, 1, 0]).all()

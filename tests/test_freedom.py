@@ -115,3 +115,33 @@ def test_cli_tune_freedom(freedom_cfg, tmp_path):
     assert cli(["tune", "--model", "FREEDOM", "--dataset", "mm-tiny", "--space", "reg_weight=choice([0.0, 0.001])",
                 "-o", str(out)] + overrides) == 0
     assert out.read_text().count("## reg_weight:") == 2
+
+
+USER_COLS = {"load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                          "user": ["user_id", "age", "gender", "occupation"]}}
+
+
+@pytest.mark.parametrize("model", ["FREEDOM", "LightGCN"])
+def test_fairness_eval_audits_any_general_model(freedom_cfg, model, capsys):
+    from recbole_mm.cli import main as cli
+
+    cfg = dict(freedom_cfg, **USER_COLS, fairness_eval=True, fairness_epochs=20, sensitive_bins={"age": [18, 25, 35, 45, 50, 56]})
+    result = recbole_mm.run_recbole(model=model, dataset="mm-tiny", config_dict=cfg)
+    audit = result["fairness_result"]
+    assert set(audit) == {"gender", "age", "occupation"}
+    assert audit["gender"]["kind"] == "binary" and 0.0 <= audit["gender"]["auc"] <= 1.0 and "auc_hard" in audit["gender"]
+    assert audit["age"]["kind"] == "multiclass" and audit["age"]["n_classes"] <= 7 and 0.0 <= audit["age"]["micro_f1"] <= 1.0
+    assert audit["gender"]["n_train"] + audit["gender"]["n_test"] + audit["gender"]["excluded"] == 60
+    overrides = [f"{k}={v}" for k, v in cfg.items() if k not in ("load_col", "sensitive_bins")]
+    overrides += ["load_col={inter: [user_id, item_id, rating, timestamp], user: [user_id, age, gender, occupation]}",
+                  "sensitive_bins={age: [18, 25, 35, 45, 50, 56]}"]
+    assert cli(["run", "--model", model, "--dataset", "mm-tiny"] + overrides) == 0
+    assert "| gender | 2 | auc |" in capsys.readouterr().out
+
+
+def test_fairness_eval_bad_input_fails_before_training(freedom_cfg, tiny_bert):
+    cfg = dict(freedom_cfg, fairness_eval=True)
+    with pytest.raises(ValueError, match="gender"):  # the .user columns were not loaded
+        recbole_mm.run_recbole(model="FREEDOM", dataset="mm-tiny", config_dict=dict(cfg, epochs=50))
+    with pytest.raises(ValueError, match="general"):
+        recbole_mm.run_recbole(model="SASRec", dataset="mm-tiny", config_dict=dict(cfg, **USER_COLS))

@@ -82,3 +82,25 @@ class MMGeneralRecommender(ContentMixin, GeneralRecommender):
     def full_sort_predict(self, interaction):
         users, items = self._eval_matrices()
         return users[interaction[self.USER_ID]] @ items.t()
+
+
+def user_representations(model) -> torch.Tensor:
+    """``[n_users, D]`` user vectors of a general model, for the fairness audit: the plugin's models' user matrix
+    (:meth:`MMGeneralRecommender.user_item_matrices`), the propagated users of RecBole's graph models whose
+    ``forward()`` returns ``(users, items)`` (LightGCN, NGCF, ...), else the ``user_embedding`` table (BPR, ...)."""
+    model.eval()
+    with torch.no_grad():
+        if isinstance(model, MMGeneralRecommender):
+            return model.user_item_matrices(training=False)[0]
+        try:
+            out = model.forward()
+        except TypeError:
+            out = None
+        if isinstance(out, tuple) and len(out) == 2 and out[0].dim() == 2 and out[0].shape[0] == model.n_users:
+            return out[0]
+        table = getattr(model, "user_embedding", None)
+        if isinstance(table, torch.nn.Embedding):
+            return table.weight
+    raise ValueError(f"fairness_eval: cannot find user representations in {type(model).__name__} (no user matrix, "
+                     "no forward() -> (users, items), no user_embedding); audit its vectors with "
+                     "recbole_mm.fairness.audit directly")
