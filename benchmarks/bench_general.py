@@ -1,0 +1,146 @@
+"""General (user-item graph) models on ml-100k-mm under the MMRec protocol, with the fairness audit (issue 11).
+
+MMRec's protocol: a random 8:1:1 split per user, full ranking with training items masked, Recall / NDCG @10 / @20,
+model selection on valid Recall@20 with early stopping after 20 evaluations (at most ``--epochs``), BPR with one
+uniform negative, batch 2048, Adam lr 1e-3, D 64. Frozen features: all-MiniLM-L6-v2 titles (mean pooling) and
+EfficientNet-Lite0 (224 px). After the test, ``fairness_eval``: fresh attackers (200 epochs) trained on 80% of the
+users' vectors try to recover gender (AUC: probability and hard-prediction), age in MovieLens-1M's 7 groups and
+occupation (micro-F1) of the other 20%. Rows: BPR and LightGCN (RecBole's), LATTICE and FREEDOM (the plugin's);
+FMMRec is not built yet. Each row in a fresh process, torch threads 1, several seeds.
+
+    python benchmarks/bench_general.py [--epochs 300] [--seeds 2020 2021 2022] [--out-dir /tmp/bench_general]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+COMMON = {
+    "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "RO", "group_by": "user", "mode": "full"},
+    "metrics": ["Recall", "NDCG"], "topk": [10, 20], "valid_metric": "Recall@20", "stopping_step": 20,
+    "train_batch_size": 2048, "eval_batch_size": 4096, "learner": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
+    "embedding_size": 64, "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
+    "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"], "user": ["user_id", "age", "gender", "occupation"]},
+    "fairness_eval": True, "fairness_epochs": 200, "sensitive_bins": {"age": [18, 25, 35, 45, 50, 56]},
+    "show_progress": False, "count_flops": False, "state": "WARNING", "cold_item_quantile": 0.1,
+    "text_encoder": "all-MiniLM-L6-v2", "text_fields": ["title"], "text_pooling": "mean",
+    "image_encoder": "tf_efficientnet_lite0", "image_size": 224,
+}
+ROWS = [
+    ("BPR", "BPR", {}),
+    ("LightGCN", "LightGCN", {"n_layers": 2, "reg_weight": 1e-4}),
+    ("LATTICE", "LATTICE", {"learning_rate": 5e-4, "reg_weight": 1e-4}),
+    ("FREEDOM", "FREEDOM", {"edge_dropout": 0.8, "reg_weight": 1e-4}),
+]
+
+
+def worker(model: str, cfg: dict, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import recbole_mm
+
+    result = recbole_mm.run_recbole(model=model, dataset="ml-100k-mm", config_dict=cfg)
+    plain = lambda r: None if r is None else {k: (None if v is None else float(v)) for k, v in r.items()}  # noqa: E731
+    json.dump({"test": plain(result["test_result"]), "cold": plain(result.get("cold_test_result")),
+               "fairness": result.get("fairness_result"), "efficiency": result.get("efficiency"),
+               "epoch_seconds": result.get("epoch_seconds")}, open(out, "w"))
+
+
+def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
+    from _report import run_worker
+
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    for seed in seeds:
+        for label, model, cfg in ROWS:
+            cfg = {**COMMON, **cfg, "epochs": epochs, "seed": seed, "checkpoint_dir": os.path.join(out_dir, "saved")}
+            path = os.path.join(out_dir, f"{label}_{seed}.json")
+            if not os.path.isfile(path):
+                print(f"[{time.strftime('%H:%M:%S')}] {label}, seed {seed} ...", flush=True)
+                res = run_worker(__file__, [model, json.dumps(cfg)], path + ".tmp", label, out_dir)
+                json.dump(res, open(path, "w"))
+                os.remove(path + ".tmp")
+            results.setdefault(label, []).append(json.load(open(path)))
+    return results
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _f(v, fmt=".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _median(values):
+    values = sorted(values)
+    return None if not values else (values[len(values) // 2] if len(values) % 2 else
+                                    (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2)
+
+
+def render(results: dict, epochs: int, seeds: list) -> str:
+    from _report import machine
+
+    lines = [
+        f"Machine: {machine()}. `python benchmarks/bench_general.py --epochs {epochs} --seeds "
+        f"{' '.join(map(str, seeds))}`: ml-100k-mm, MMRec protocol (random 8:1:1 per user, full ranking, training "
+        f"items masked, valid Recall@20 selects, early stop after 20 evaluations, at most {epochs} epochs), BPR with one "
+        "uniform negative, batch 2048, Adam, D 64; features: MiniLM titles + EfficientNet-Lite0. Fairness: fresh "
+        "attackers (200 epochs) on 80% of the users' vectors, scored on the other 20%; gender AUC from probabilities "
+        "(and from hard predictions, the original's), age (7 MovieLens-1M groups) and occupation (21) micro-F1, with "
+        f"the majority-class chance level. Mean over {len(seeds)} seeds.",
+        "",
+        "| model | Recall@20 | NDCG@20 | Recall@10 | epochs run | s / epoch | gender AUC (hard) | age F1 (chance) "
+        "| occupation F1 (chance) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, runs in results.items():
+        fair = [r.get("fairness") or {} for r in runs]
+
+        def fm(field, key):
+            return _mean([f.get(field, {}).get(key) for f in fair])
+
+        lines.append(
+            f"| {label} | {_f(_mean([r['test']['recall@20'] for r in runs]))} | "
+            f"{_f(_mean([r['test']['ndcg@20'] for r in runs]))} | {_f(_mean([r['test']['recall@10'] for r in runs]))} | "
+            f"{_f(_mean([len(r.get('epoch_seconds') or []) for r in runs]), '.0f')} | "
+            f"{_f(_mean([_median(r.get('epoch_seconds') or []) for r in runs]), '.2f')} | "
+            f"{_f(fm('gender', 'auc'), '.3f')} ({_f(fm('gender', 'auc_hard'), '.3f')}) | "
+            f"{_f(fm('age', 'micro_f1'), '.3f')} ({_f(fm('age', 'chance'), '.3f')}) | "
+            f"{_f(fm('occupation', 'micro_f1'), '.3f')} ({_f(fm('occupation', 'chance'), '.3f')}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        model, cfg, out = sys.argv[2:5]
+        worker(model, json.loads(cfg), out)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2020, 2021, 2022])
+    parser.add_argument("--out-dir", default="/tmp/bench_general")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    results = run_all(args.epochs, args.seeds, args.out_dir)
+    body = render(results, args.epochs, args.seeds)
+    print(body)
+    if not args.no_write:
+        from _report import write_section
+
+        write_section("General models: accuracy and what the user vectors leak (MMRec protocol)", body)
+
+
+if __name__ == "__main__":
+    main()
