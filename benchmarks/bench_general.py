@@ -3,7 +3,7 @@
 MMRec's protocol: a random 8:1:1 split per user, full ranking with training items masked, Recall / NDCG @10 / @20,
 model selection on valid Recall@20 with early stopping after 20 evaluations (at most ``--epochs``), BPR with one
 uniform negative, batch 2048, Adam lr 1e-3, D 64. Frozen features: all-MiniLM-L6-v2 titles (mean pooling) and
-EfficientNet-Lite0 (224 px). After the test, ``fairness_eval``: fresh attackers (200 epochs) trained on 80% of the
+EfficientNet-Lite0 (224 px). After the test, ``fairness_eval``: fresh attackers (1000 epochs) trained on 80% of the
 users' vectors try to recover gender (AUC: probability and hard-prediction), age in MovieLens-1M's 7 groups and
 occupation (micro-F1) of the other 20%. Rows: BPR and LightGCN (RecBole's), LATTICE and FREEDOM (the plugin's);
 FMMRec is not built yet. Each row in a fresh process, torch threads 1, several seeds.
@@ -27,7 +27,7 @@ COMMON = {
     "train_batch_size": 2048, "eval_batch_size": 4096, "learner": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
     "embedding_size": 64, "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
     "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"], "user": ["user_id", "age", "gender", "occupation"]},
-    "fairness_eval": True, "fairness_epochs": 200, "sensitive_bins": {"age": [18, 25, 35, 45, 50, 56]},
+    "fairness_eval": True, "sensitive_bins": {"age": [18, 25, 35, 45, 50, 56]},
     "show_progress": False, "count_flops": False, "state": "WARNING", "cold_item_quantile": 0.1,
     "text_encoder": "all-MiniLM-L6-v2", "text_fields": ["title"], "text_pooling": "mean",
     "image_encoder": "tf_efficientnet_lite0", "image_size": 224,
@@ -94,7 +94,7 @@ def render(results: dict, epochs: int, seeds: list) -> str:
         f"{' '.join(map(str, seeds))}`: ml-100k-mm, MMRec protocol (random 8:1:1 per user, full ranking, training "
         f"items masked, valid Recall@20 selects, early stop after 20 evaluations, at most {epochs} epochs), BPR with one "
         "uniform negative, batch 2048, Adam, D 64; features: MiniLM titles + EfficientNet-Lite0. Fairness: fresh "
-        "attackers (200 epochs) on 80% of the users' vectors, scored on the other 20%; gender AUC from probabilities "
+        "attackers (1000 epochs) on 80% of the users' vectors, scored on the other 20%; gender AUC from probabilities "
         "(and from hard predictions, the original's), age (7 MovieLens-1M groups) and occupation (21) micro-F1, with "
         f"the majority-class chance level. Mean over {len(seeds)} seeds.",
         "",

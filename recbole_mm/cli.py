@@ -110,6 +110,8 @@ def fairness_table(result: dict) -> str:
     audit = result.get("fairness_result")
     if not audit:
         return ""
+    if "error" in audit:
+        return f"fairness_eval failed: {audit['error']}"
     lines = ["| attribute | classes | metric | value | chance | held-out users | excluded |", "|---|---|---|---|---|---|---|"]
     for field, r in audit.items():
         metrics = ("auc", "auc_hard") if r.get("kind") == "binary" else ("micro_f1", "macro_f1")

@@ -72,32 +72,52 @@ EXTRA_RESULT_KEYS = ("cold_valid_result", "cold_test_result", "new_valid_result"
                      "branch_valid_history")
 
 
-def fairness_labels(config, dataset):
-    """``fairness_eval: True`` (general models only): the ``sensitive_fields`` of the ``.user`` file as class labels
-    (:func:`recbole_mm.fairness.sensitive_labels`; a missing field, a single class or no values at all are errors,
-    users without a value are counted out), checked before training; ``None`` when the key is off."""
+def fairness_labels(config, dataset, train_dataset, model):
+    """``fairness_eval: True`` (general models only): the ``sensitive_fields`` of the ``.user`` file as class labels of
+    the users with training interactions (:func:`recbole_mm.fairness.sensitive_labels`; a missing field, a single
+    class or no values at all are errors, users without a value are counted out), and the model's user vectors
+    located; all checked before training. ``(user ids, labels)``, or ``None`` when the key is off."""
     from recbole.utils import ModelType
 
     if not cfg_get(config, "fairness_eval", False):
         return None
-    if config["MODEL_TYPE"] != ModelType.GENERAL:
+    if config["MODEL_TYPE"] not in (ModelType.GENERAL, ModelType.TRADITIONAL):
         raise ValueError(f"fairness_eval audits the user vectors of general (user-item) models; {config['model']} is "
                          f"{config['MODEL_TYPE'].name.lower()}")
     from recbole_mm.fairness import sensitive_labels
+    from recbole_mm.model.general import user_representations
 
+    user_representations(model)  # a model without usable user vectors fails here, not after training
+    model.train()
+    degree = torch.bincount(torch.as_tensor(train_dataset.inter_feat[train_dataset.uid_field]).long(),
+                            minlength=dataset.user_num)
+    uids = torch.nonzero(degree[1:] > 0)[:, 0] + 1  # users with training interactions (0 is padding)
     fields = list(cfg_get(config, "sensitive_fields", ["gender", "age", "occupation"]))
-    return sensitive_labels(dataset, fields, torch.arange(1, dataset.user_num), bins=cfg_get(config, "sensitive_bins"))
+    return uids, sensitive_labels(dataset, fields, uids, bins=cfg_get(config, "sensitive_bins"))
 
 
-def fairness_result(config, model, labels) -> dict:
+def fairness_result(config, model, prepared) -> dict:
     """Fresh attackers trained on 80% of the users' representations try to recover each attribute of the other 20%
     (:func:`recbole_mm.fairness.audit`): AUC for binary attributes (probability and hard-prediction), micro / macro
-    F1 for the others, with the chance level."""
+    F1 for the others, with the chance level and ``representation`` (where the vectors came from). A failure of
+    the audit is returned as ``{"error": message}`` (the trained model and its results are kept)."""
     from recbole_mm.fairness import audit
     from recbole_mm.model.general import user_representations
 
-    vectors = user_representations(model)[1:].detach().cpu()  # internal ids 1.. (0 is padding)
-    return audit(vectors, labels, epochs=int(cfg_get(config, "fairness_epochs", 200)), seed=int(config["seed"] or 0))
+    uids, labels = prepared
+    try:
+        vectors, source = user_representations(model)
+        out = audit(vectors[uids.to(vectors.device)].detach().cpu(), labels,
+                    epochs=int(cfg_get(config, "fairness_epochs", 1000)), seed=int(config["seed"] or 0))
+    except (ValueError, RuntimeError) as e:
+        getLogger().warning(f"fairness_eval failed: {e}")
+        return {"error": str(e)}
+    if source == "user_embedding" and "forward" in type(model).__dict__:
+        getLogger().warning(f"fairness_eval: {type(model).__name__} is audited on its user_embedding table, not on the "
+                            "vectors its forward() propagates")
+    for r in out.values():
+        r["representation"] = source
+    return out
 
 
 def trainer_extras(trainer) -> dict:
@@ -124,7 +144,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     logger.info(config)
 
     dataset, train_data, valid_data, test_data, model, trainer = _build(config, logger)
-    labels = fairness_labels(config, dataset)  # bad sensitive fields fail before training
+    labels = fairness_labels(config, dataset, train_data._dataset, model)  # bad input fails before training
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -242,7 +262,7 @@ def evaluate_checkpoint(model_file, split: str = "test") -> dict:
             out[key.replace("test", split)] = value
     if getattr(trainer, "cold_threshold_used", None) is not None:
         out["cold_threshold_used"] = trainer.cold_threshold_used
-    labels = fairness_labels(config, dataset)
+    labels = fairness_labels(config, dataset, train_data._dataset, model)
     if labels is not None:
         out["fairness_result"] = fairness_result(config, model, labels)
     return out

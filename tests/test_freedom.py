@@ -80,6 +80,16 @@ def test_each_epoch_draws_a_pruned_graph_and_evaluation_uses_the_whole_one(freed
     model.set_epoch(0)
     first = model.masked_adj.coalesce().indices()
     assert first.shape[1] == 2 * round(0.2 * n_edges)  # both directions of the kept edges
+    # the kept edges are training edges, re-normalised on the kept graph: 1 / sqrt(deg_u deg_i) there
+    adj = model.masked_adj.coalesce()
+    r, c, v = adj.indices()[0], adj.indices()[1], adj.values()
+    user_side = r < model.n_users
+    u, i = r[user_side], c[user_side] - model.n_users
+    train_keys = set((model.edges[0] * model.n_items + model.edges[1]).tolist())
+    assert set((u * model.n_items + i).tolist()) <= train_keys
+    deg_u = torch.bincount(u, minlength=model.n_users).double()
+    deg_i = torch.bincount(i, minlength=model.n_items).double()
+    torch.testing.assert_close(v[user_side].double(), (deg_u[u] * deg_i[i]) ** -0.5, rtol=1e-5, atol=1e-7)
     model.set_epoch(1)
     assert not torch.equal(first, model.masked_adj.coalesce().indices())
     model.train()
@@ -121,7 +131,7 @@ USER_COLS = {"load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]
                           "user": ["user_id", "age", "gender", "occupation"]}}
 
 
-@pytest.mark.parametrize("model", ["FREEDOM", "LightGCN"])
+@pytest.mark.parametrize("model", ["FREEDOM", "LightGCN", "BPR"])
 def test_fairness_eval_audits_any_general_model(freedom_cfg, model, capsys):
     from recbole_mm.cli import main as cli
 
@@ -132,6 +142,8 @@ def test_fairness_eval_audits_any_general_model(freedom_cfg, model, capsys):
     assert audit["gender"]["kind"] == "binary" and 0.0 <= audit["gender"]["auc"] <= 1.0 and "auc_hard" in audit["gender"]
     assert audit["age"]["kind"] == "multiclass" and audit["age"]["n_classes"] <= 7 and 0.0 <= audit["age"]["micro_f1"] <= 1.0
     assert audit["gender"]["n_train"] + audit["gender"]["n_test"] + audit["gender"]["excluded"] == 60
+    assert audit["gender"]["representation"] == {"FREEDOM": "user_item_matrices", "LightGCN": "forward",
+                                                 "BPR": "user_embedding"}[model]
     overrides = [f"{k}={v}" for k, v in cfg.items() if k not in ("load_col", "sensitive_bins")]
     overrides += ["load_col={inter: [user_id, item_id, rating, timestamp], user: [user_id, age, gender, occupation]}",
                   "sensitive_bins={age: [18, 25, 35, 45, 50, 56]}"]
@@ -139,9 +151,37 @@ def test_fairness_eval_audits_any_general_model(freedom_cfg, model, capsys):
     assert "| gender | 2 | auc |" in capsys.readouterr().out
 
 
-def test_fairness_eval_bad_input_fails_before_training(freedom_cfg, tiny_bert):
+def test_fairness_eval_bad_input_fails_before_training(freedom_cfg, monkeypatch):
+    from recbole_mm.trainer import MMTrainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(MMTrainer, "fit", no_training)
     cfg = dict(freedom_cfg, fairness_eval=True)
     with pytest.raises(ValueError, match="gender"):  # the .user columns were not loaded
-        recbole_mm.run_recbole(model="FREEDOM", dataset="mm-tiny", config_dict=dict(cfg, epochs=50))
+        recbole_mm.run_recbole(model="FREEDOM", dataset="mm-tiny", config_dict=cfg)
     with pytest.raises(ValueError, match="general"):
         recbole_mm.run_recbole(model="SASRec", dataset="mm-tiny", config_dict=dict(cfg, **USER_COLS))
+    with pytest.raises(ValueError, match="cannot find user representations"):  # ItemKNN has no user vectors
+        recbole_mm.run_recbole(model="ItemKNN", dataset="mm-tiny", config_dict=dict(cfg, **USER_COLS))
+
+
+def test_the_audit_reads_the_right_users_vectors(freedom_cfg, monkeypatch):
+    """Vectors that encode each user's gender exactly give a perfect attacker: the rows audited are the labelled
+    users' own; LightGCN is audited on its propagated vectors, not on its embedding table."""
+    from recbole_mm.model import general
+    from recbole_mm.quick_start import fairness_labels, fairness_result
+
+    config, data, train, _, _, model, _ = build_run("LightGCN", "mm-tiny", dict(freedom_cfg, **USER_COLS,
+                                                                                fairness_eval=True))
+    vectors, source = general.user_representations(model)
+    assert source == "forward" and torch.equal(vectors, model.forward()[0])
+    assert not torch.allclose(vectors, model.user_embedding.weight)
+    uids, labels = fairness_labels(config, data, train._dataset, model)
+    gender, _, mask = labels["gender"]
+    coded = torch.zeros(data.user_num, 4)
+    coded[uids, 0] = 10 * (gender.float() * 2 - 1)  # by gender: linearly separable
+    monkeypatch.setattr(general, "user_representations", lambda m: (coded, "forward"))
+    out = fairness_result(dict(config.final_config_dict, fairness_epochs=1000), model, (uids, {"gender": labels["gender"]}))
+    assert out["gender"]["auc_hard"] == 1.0 and out["gender"]["auc"] == 1.0

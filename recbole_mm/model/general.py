@@ -84,23 +84,26 @@ class MMGeneralRecommender(ContentMixin, GeneralRecommender):
         return users[interaction[self.USER_ID]] @ items.t()
 
 
-def user_representations(model) -> torch.Tensor:
-    """``[n_users, D]`` user vectors of a general model, for the fairness audit: the plugin's models' user matrix
-    (:meth:`MMGeneralRecommender.user_item_matrices`), the propagated users of RecBole's graph models whose
-    ``forward()`` returns ``(users, items)`` (LightGCN, NGCF, ...), else the ``user_embedding`` table (BPR, ...)."""
+def user_representations(model) -> tuple[torch.Tensor, str]:
+    """``([n_users, D] user vectors, where they came from)`` of a general model, for the fairness audit: the plugin's
+    models' user matrix (``"user_item_matrices"``), the propagated users of RecBole's graph models whose ``forward()``
+    returns ``(users, items, ...)`` (LightGCN, NGCF, NCL: ``"forward"``), else the ``user_embedding`` table (BPR, ...:
+    ``"user_embedding"``; for a graph model whose ``forward`` needs arguments, e.g. SGL, these are its layer-0
+    vectors, not the propagated ones it scores with)."""
     model.eval()
     with torch.no_grad():
         if isinstance(model, MMGeneralRecommender):
-            return model.user_item_matrices(training=False)[0]
+            return model.user_item_matrices(training=False)[0], "user_item_matrices"
         try:
             out = model.forward()
         except TypeError:
             out = None
-        if isinstance(out, tuple) and len(out) == 2 and out[0].dim() == 2 and out[0].shape[0] == model.n_users:
-            return out[0]
+        if (isinstance(out, tuple) and len(out) >= 2 and isinstance(out[0], torch.Tensor) and out[0].dim() == 2
+                and out[0].shape[0] == model.n_users):
+            return out[0], "forward"
         table = getattr(model, "user_embedding", None)
         if isinstance(table, torch.nn.Embedding):
-            return table.weight
+            return table.weight, "user_embedding"
     raise ValueError(f"fairness_eval: cannot find user representations in {type(model).__name__} (no user matrix, "
                      "no forward() -> (users, items), no user_embedding); audit its vectors with "
                      "recbole_mm.fairness.audit directly")

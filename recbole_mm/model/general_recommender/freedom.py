@@ -69,8 +69,9 @@ class FREEDOM(MMGeneralRecommender):
 
         # graphs
         self.edges = self.training_edges(dataset)
-        self.norm_adj = bipartite_adjacency(*self.edges, self.n_users, self.n_items).to(self.device)
-        self.masked_adj = self.norm_adj
+        # graphs are buffers (they follow .to(); rebuilt at construction, not saved in checkpoints)
+        self.register_buffer("norm_adj", bipartite_adjacency(*self.edges, self.n_users, self.n_items), persistent=False)
+        self.register_buffer("masked_adj", self.norm_adj, persistent=False)
         features = {m: self.frozen_features(config, dataset, m) for m in self.modalities}
         weights = {"image": self.mm_image_weight, "text": 1.0 - self.mm_image_weight} if len(features) > 1 else None
         mm_adj = None
@@ -78,7 +79,7 @@ class FREEDOM(MMGeneralRecommender):
             adj = sym_normalize(knn_graph(feats, self.knn_k, self_loops=True, binary=True))
             adj = adj if weights is None else adj * weights[m]
             mm_adj = adj if mm_adj is None else (mm_adj + adj).coalesce()
-        self.mm_adj = mm_adj.to(self.device)
+        self.register_buffer("mm_adj", mm_adj, persistent=False)
 
         # define layers
         self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
@@ -94,7 +95,7 @@ class FREEDOM(MMGeneralRecommender):
             self.masked_adj = self.norm_adj
             return
         kept = degree_sensitive_prune(*self.edges, self.n_users, self.n_items, self.edge_dropout)
-        self.masked_adj = bipartite_adjacency(*kept, self.n_users, self.n_items).to(self.device)
+        self.masked_adj = bipartite_adjacency(*kept, self.n_users, self.n_items).to(self.norm_adj.device)
 
     def propagate(self, adj):
         h = self.item_id_embedding.weight

@@ -53,7 +53,8 @@ class LATTICE(MMGeneralRecommender):
       Item ID embeddings propagated ``n_layers`` times over it give ``h``.
     - User-item graph: ``D^-1 (A + I)`` (self-loops, row-normalised, as the original), LightGCN with ``n_ui_layers``
       layers (mean over the layers, layer 0 included); items = LightGCN item vector + ``normalize(h)``.
-    - Loss: BPR + ``reg_weight`` times ``(|u|^2 + |i+|^2 + |i-|^2) / 2`` over the batch, divided by its size.
+    - Loss: BPR + ``reg_weight`` times ``(|u|^2 + |i+|^2 + |i-|^2) / 2`` over the batch, divided by
+      ``train_batch_size`` (as the original, also for a smaller last batch).
 
     NOTE:
         - As the original, the learned graph is rebuilt with gradients on the first batch of each epoch (the
@@ -77,6 +78,7 @@ class LATTICE(MMGeneralRecommender):
         self.n_layers = int(cfg_get(config, "n_layers", 1))
         self.n_ui_layers = int(cfg_get(config, "n_ui_layers", 2))
         self.reg_weight = float(cfg_get(config, "reg_weight", 1e-4))
+        self.batch_size = int(config["train_batch_size"])
         if not 0.0 <= self.lambda_coeff <= 1.0:
             raise ValueError(f"lambda_coeff must be in [0, 1], got {self.lambda_coeff}")
 
@@ -85,9 +87,12 @@ class LATTICE(MMGeneralRecommender):
         n = self.n_users + self.n_items
         ui = bipartite_adjacency(users, items, self.n_users, self.n_items, normalize=False)
         eye = torch.sparse_coo_tensor(torch.arange(n).repeat(2, 1), torch.ones(n), (n, n), check_invariants=True)
-        self.norm_adj = row_normalize((ui + eye).coalesce()).to(self.device)
+        # graphs are buffers (they follow .to(); rebuilt at construction, not saved in checkpoints)
+        self.register_buffer("norm_adj", row_normalize((ui + eye).coalesce()), persistent=False)
         features = {m: self.frozen_features(config, dataset, m) for m in self.modalities}
-        self.original = {m: _edges(sym_normalize(knn_graph(f, self.knn_k, self_loops=True))) for m, f in features.items()}
+        for m, f in features.items():
+            for part, t in zip(("rows", "cols", "values"), _edges(sym_normalize(knn_graph(f, self.knn_k, self_loops=True)))):
+                self.register_buffer(f"original_{m}_{part}", t, persistent=False)
         self.build_graph = True
         self._item_graph = None
 
@@ -99,6 +104,10 @@ class LATTICE(MMGeneralRecommender):
         self.feature_tables = nn.ModuleDict({m: nn.Embedding.from_pretrained(f, freeze=False) for m, f in features.items()})
         self.feature_proj = nn.ModuleDict({m: nn.Linear(f.shape[1], self.feat_embed_dim) for m, f in features.items()})
         self.modal_weight = nn.Parameter(torch.full((len(features),), 1.0 / len(features)))
+
+    def original(self, m: str):
+        """``(rows, cols, values)`` of modality ``m``'s frozen kNN graph."""
+        return tuple(getattr(self, f"original_{m}_{part}") for part in ("rows", "cols", "values"))
 
     def set_epoch(self, epoch: int) -> None:
         """Before every training epoch (MMTrainer): the epoch's first batch rebuilds the learned graph."""
@@ -116,7 +125,7 @@ class LATTICE(MMGeneralRecommender):
             r, c, _ = _edges(knn_graph(feats.detach() * valid, self.knn_k, self_loops=True))
             unit = F.normalize(feats, dim=-1)
             learned.append((r, c, weights[k] * (unit[r] * unit[c]).sum(-1)))
-            o_r, o_c, o_v = (t.to(table.device) for t in self.original[m])
+            o_r, o_c, o_v = self.original(m)
             original.append((o_r, o_c, weights[k] * o_v.to(feats.dtype)))
         l_r, l_c, l_v = (torch.cat(parts) for parts in zip(*learned))
         o_r, o_c, o_v = (torch.cat(parts) for parts in zip(*original))
@@ -146,5 +155,5 @@ class LATTICE(MMGeneralRecommender):
         users, pos, neg = interaction[self.USER_ID], interaction[self.ITEM_ID], interaction[self.NEG_ITEM_ID]
         user_vecs, item_vecs = self.user_item_matrices(training=True)
         u, p, q = user_vecs[users], item_vecs[pos], item_vecs[neg]
-        reg = 0.5 * (u.pow(2).sum() + p.pow(2).sum() + q.pow(2).sum()) / len(users)
+        reg = 0.5 * (u.pow(2).sum() + p.pow(2).sum() + q.pow(2).sum()) / self.batch_size  # as the original
         return bpr_loss(u, p, q) + self.reg_weight * reg
