@@ -34,6 +34,7 @@ ROWS = [
     ("IISAN cached", "IISAN", {**CONTENT, "mode": "cached", "learning_rate": 1e-3}),
     ("ODMT", "ODMT", ODMT),
     ("ODMT without distillation (kd_alpha 0)", "ODMT", {**ODMT, "kd_alpha": 0}),
+    ("ODMT, teacher detached", "ODMT", {**ODMT, "kd_detach_teacher": True}),
 ]
 
 
@@ -58,8 +59,8 @@ def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
         for label, model, cfg in ROWS:
             cfg = {**COMMON, **cfg, "epochs": epochs, "stopping_step": epochs, "seed": seed,
                    "checkpoint_dir": os.path.join(out_dir, "saved"), "features_dir": os.path.join(out_dir, "features")}
-            path = os.path.join(out_dir, f"{label.split(' (')[0].replace(' ', '_')}_{'a0_' if 'kd_alpha 0' in label else ''}"
-                                         f"{seed}.json")
+            path = os.path.join(out_dir, f"{label.split(' (')[0].replace(' ', '_').replace(',', '')}_"
+                                         f"{'a0_' if 'kd_alpha 0' in label else ''}{seed}.json")
             if not os.path.isfile(path):
                 print(f"[{time.strftime('%H:%M:%S')}] {label}, seed {seed} ...", flush=True)
                 res = run_worker(__file__, [model, json.dumps(cfg)], path + ".tmp", label, out_dir)
