@@ -36,8 +36,8 @@ Decisions where the spec is silent (documented here and on each function):
   FMMRec's preprocessing.
 - **Split**: per attribute, a seeded random permutation of the users that have the attribute (not stratified,
   like the original's random 20% user test ratio); the same seed and mask give the same split for every attribute.
-- **Attacker details** not in the spec: layer order Linear - LeakyReLU - Dropout - Linear, biases initialised to
-  zero, "N(0, 0.01)" read as standard deviation 0.01, decision threshold 0.5 (logit > 0), Adam without weight
+- **Attacker details** (layer order Linear - LeakyReLU - Dropout - Linear, weights and biases drawn from N(0, 0.01),
+  as the original's ``discriminators.py``), decision threshold 0.5 (logit > 0), Adam without weight
   decay for the post-hoc attackers (``l2_attack`` 1e-4 is documented only for the training-time attackers;
   pass ``weight_decay`` to change it), the last epoch's attacker is the one evaluated (no model selection).
 - **chance** for multi-class attributes: micro-F1 of the majority-class baseline, i.e. the fraction of held-out
@@ -453,8 +453,8 @@ class Attacker(nn.Module):
     numerically stable form of sigmoid + BCE). Multi-class attributes: ``n_classes`` logits, trained with the
     negative log-likelihood of their log-softmax.
 
-    NOTE (spec silent): layers are Linear - LeakyReLU - Dropout - Linear; weights are drawn with standard
-    deviation 0.01 and biases start at zero; ``hidden`` defaults to ``max(1, d_in // 2)``.
+    Layers Linear - LeakyReLU - Dropout - Linear; weights and biases drawn with standard deviation 0.01, as the
+    original's discriminators (``src/common/discriminators.py``); ``hidden`` defaults to ``max(1, d_in // 2)``.
     """
 
     def __init__(self, d_in: int, n_classes: int, hidden: Optional[int] = None, dropout: float = 0.2):
@@ -475,7 +475,7 @@ class Attacker(nn.Module):
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                nn.init.zeros_(m.bias)
+                nn.init.normal_(m.bias, mean=0.0, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: ``[n]`` for a binary attribute, ``[n, n_classes]`` otherwise."""
