@@ -29,6 +29,52 @@ PROTOCOL = {
 LEAVE_ONE_OUT = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
 
 
+def mean(values):
+    """Mean of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def median(values):
+    """Median (None for no values): robust to a slow epoch, e.g. another process on the machine."""
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main_with_rows(doc: str, title: str, run_all, render, worker, epochs: int, seeds: list, out_dir: str) -> None:
+    """The command line of a seeded benchmark script: ``--worker MODEL CFG OUT`` (one row in this process) or
+    ``[--epochs] [--seeds] [--out-dir] [--no-write]`` (every row, the table printed and written as section
+    ``title`` of docs/benchmarks.md)."""
+    import argparse
+    import json
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        model, cfg, out = sys.argv[2:5]
+        worker(model, json.loads(cfg), out)
+        return
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--out-dir", default=out_dir)
+    parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as in every worker (the machine line reports it)
+    body = render(run_all(args.epochs, args.seeds, args.out_dir), args.epochs, args.seeds)
+    print(body)
+    if not args.no_write:
+        write_section(title, body)
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:

@@ -13,7 +13,6 @@ FMMRec is not built yet. Each row in a fresh process, torch threads 1, several s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -71,23 +70,8 @@ def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
     return results
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _f(v, fmt=".4f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def _median(values):
-    values = sorted(values)
-    return None if not values else (values[len(values) // 2] if len(values) % 2 else
-                                    (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2)
-
-
 def render(results: dict, epochs: int, seeds: list) -> str:
-    from _report import machine
+    from _report import fmt, machine, mean, median
 
     lines = [
         f"Machine: {machine()}. `python benchmarks/bench_general.py --epochs {epochs} --seeds "
@@ -106,40 +90,23 @@ def render(results: dict, epochs: int, seeds: list) -> str:
         fair = [r.get("fairness") or {} for r in runs]
 
         def fm(field, key):
-            return _mean([f.get(field, {}).get(key) for f in fair])
+            return mean([f.get(field, {}).get(key) for f in fair])
 
         lines.append(
-            f"| {label} | {_f(_mean([r['test']['recall@20'] for r in runs]))} | "
-            f"{_f(_mean([r['test']['ndcg@20'] for r in runs]))} | {_f(_mean([r['test']['recall@10'] for r in runs]))} | "
-            f"{_f(_mean([len(r.get('epoch_seconds') or []) for r in runs]), '.0f')} | "
-            f"{_f(_mean([_median(r.get('epoch_seconds') or []) for r in runs]), '.2f')} | "
-            f"{_f(fm('gender', 'auc'), '.3f')} ({_f(fm('gender', 'auc_hard'), '.3f')}) | "
-            f"{_f(fm('age', 'micro_f1'), '.3f')} ({_f(fm('age', 'chance'), '.3f')}) | "
-            f"{_f(fm('occupation', 'micro_f1'), '.3f')} ({_f(fm('occupation', 'chance'), '.3f')}) |")
+            f"| {label} | {fmt(mean([r['test']['recall@20'] for r in runs]))} | "
+            f"{fmt(mean([r['test']['ndcg@20'] for r in runs]))} | {fmt(mean([r['test']['recall@10'] for r in runs]))} | "
+            f"{fmt(mean([len(r.get('epoch_seconds') or []) for r in runs]), '.0f')} | "
+            f"{fmt(mean([median(r.get('epoch_seconds') or []) for r in runs]), '.2f')} | "
+            f"{fmt(fm('gender', 'auc'), '.3f')} ({fmt(fm('gender', 'auc_hard'), '.3f')}) | "
+            f"{fmt(fm('age', 'micro_f1'), '.3f')} ({fmt(fm('age', 'chance'), '.3f')}) | "
+            f"{fmt(fm('occupation', 'micro_f1'), '.3f')} ({fmt(fm('occupation', 'chance'), '.3f')}) |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        model, cfg, out = sys.argv[2:5]
-        worker(model, json.loads(cfg), out)
-        return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2020, 2021, 2022])
-    parser.add_argument("--out-dir", default="/tmp/bench_general")
-    parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
-    args = parser.parse_args()
-    import torch
+    from _report import main_with_rows
 
-    torch.set_num_threads(1)
-    results = run_all(args.epochs, args.seeds, args.out_dir)
-    body = render(results, args.epochs, args.seeds)
-    print(body)
-    if not args.no_write:
-        from _report import write_section
-
-        write_section("General models: accuracy and what the user vectors leak (MMRec protocol)", body)
+    main_with_rows(__doc__, "General models: accuracy and what the user vectors leak (MMRec protocol)", run_all, render, worker, 300, [2020, 2021, 2022], "/tmp/bench_general")
 
 
 if __name__ == "__main__":

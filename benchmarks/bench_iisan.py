@@ -155,11 +155,9 @@ def _f(v, fmt=".4f") -> str:
 
 def _epoch(r: dict):
     """Median seconds of the row's training epochs (robust to a slow epoch, e.g. another process on the machine)."""
-    secs = sorted(r.get("epoch_seconds") or [])
-    if not secs:
-        return None
-    mid = len(secs) // 2
-    return secs[mid] if len(secs) % 2 else (secs[mid - 1] + secs[mid]) / 2
+    from _report import median
+
+    return median(r.get("epoch_seconds") or [])
 
 
 def render(results: dict, epochs: int, long: dict = None, long_epochs: int = 0) -> str:

@@ -13,7 +13,6 @@ per-branch results (ID, text, image; the ensemble is the model's own) are report
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -70,17 +69,8 @@ def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
     return results
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _f(v, fmt=".4f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def render(results: dict, epochs: int, seeds: list) -> str:
-    from _report import machine
+    from _report import fmt, machine, mean
 
     lines = [
         f"Machine: {machine()}. `python benchmarks/bench_odmt.py --epochs {epochs} --seeds {' '.join(map(str, seeds))}`: "
@@ -97,9 +87,9 @@ def render(results: dict, epochs: int, seeds: list) -> str:
         effs = [r.get("efficiency") or {} for r in runs]
         hits = [r["test"]["hit@10"] for r in runs]
         lines.append(
-            f"| {label} | {_f(_mean(hits))} ({', '.join(f'{h:.3f}' for h in hits)}) | "
-            f"{_f(_mean([r['test']['ndcg@10'] for r in runs]))} | {_f(_mean([(r.get('cold') or {}).get('hit@10') for r in runs]))} | "
-            f"{_f(_mean([e.get('seconds_per_epoch') for e in effs]), '.2f')} | {_f(_mean([e.get('peak_memory_mib') for e in effs]), '.0f')} | "
+            f"| {label} | {fmt(mean(hits))} ({', '.join(f'{h:.3f}' for h in hits)}) | "
+            f"{fmt(mean([r['test']['ndcg@10'] for r in runs]))} | {fmt(mean([(r.get('cold') or {}).get('hit@10') for r in runs]))} | "
+            f"{fmt(mean([e.get('seconds_per_epoch') for e in effs]), '.2f')} | {fmt(mean([e.get('peak_memory_mib') for e in effs]), '.0f')} | "
             f"{(effs[0].get('trainable_params') or 0):,} |")
     branch_rows = [(label, runs) for label, runs in results.items() if runs[0].get("branches")]
     if branch_rows:
@@ -107,34 +97,17 @@ def render(results: dict, epochs: int, seeds: list) -> str:
                   "| model | branch | HR@10 | NDCG@10 |", "|---|---|---|---|"]
         for label, runs in branch_rows:
             for branch in ("id", "text", "image"):
-                lines.append(f"| {label} | {branch} | {_f(_mean([r['branches'][branch]['hit@10'] for r in runs]))} | "
-                             f"{_f(_mean([r['branches'][branch]['ndcg@10'] for r in runs]))} |")
-            lines.append(f"| {label} | ensemble | {_f(_mean([r['test']['hit@10'] for r in runs]))} | "
-                         f"{_f(_mean([r['test']['ndcg@10'] for r in runs]))} |")
+                lines.append(f"| {label} | {branch} | {fmt(mean([r['branches'][branch]['hit@10'] for r in runs]))} | "
+                             f"{fmt(mean([r['branches'][branch]['ndcg@10'] for r in runs]))} |")
+            lines.append(f"| {label} | ensemble | {fmt(mean([r['test']['hit@10'] for r in runs]))} | "
+                         f"{fmt(mean([r['test']['ndcg@10'] for r in runs]))} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        model, cfg, out = sys.argv[2:5]
-        worker(model, json.loads(cfg), out)
-        return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2020, 2021, 2022])
-    parser.add_argument("--out-dir", default="/tmp/bench_odmt")
-    parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
-    args = parser.parse_args()
-    import torch
+    from _report import main_with_rows
 
-    torch.set_num_threads(1)
-    results = run_all(args.epochs, args.seeds, args.out_dir)
-    body = render(results, args.epochs, args.seeds)
-    print(body)
-    if not args.no_write:
-        from _report import write_section
-
-        write_section("ODMT: online distillation between ID, text and image branches", body)
+    main_with_rows(__doc__, "ODMT: online distillation between ID, text and image branches", run_all, render, worker, 30, [2020, 2021, 2022], "/tmp/bench_odmt")
 
 
 if __name__ == "__main__":

@@ -165,8 +165,7 @@ def cmd_run(args) -> int:
     print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
     if result.get("efficiency"):
         print(f"{efficiency_table(result)}\n")
-    if result.get("fairness_result"):
-        print(f"Fairness: fresh attackers on held-out users (lower = less leakage)\n\n{fairness_table(result)}\n")
+    _print_fairness(result)
     from recbole_mm.config import UNKNOWN_KEY_MESSAGES
 
     for message in UNKNOWN_KEY_MESSAGES:  # the warning at the start has scrolled away by now
@@ -180,11 +179,21 @@ def cmd_run(args) -> int:
         plot_training_curve(args.plot, result["train_loss_history"], result.get("valid_score_history", []),
                             result.get("valid_epoch_history", []), f"{result['model']} on {args.dataset}", "valid score")
         print(f"training curve: {args.plot}")
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(result), f, indent=1)
-        print(f"results: {args.output}")
+    _save_result(result, args.output)
     return 0
+
+
+def _print_fairness(result: dict) -> None:
+    if result.get("fairness_result"):
+        print(f"Fairness: fresh attackers on held-out users (lower = less leakage)\n\n{fairness_table(result)}\n")
+
+
+def _save_result(result: dict, path: Optional[str]) -> None:
+    """``-o FILE.json``: the whole result dict as JSON."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(result), f, indent=1)
+        print(f"results: {path}")
 
 
 def cmd_evaluate(args) -> int:
@@ -194,12 +203,8 @@ def cmd_evaluate(args) -> int:
         result = recbole_mm.evaluate_checkpoint(args.checkpoint, split=args.split)
     print(f"\n{result['model']} on {result['dataset']} ({args.split}, {result['checkpoint_file']})\n\n"
           f"{results_table(result_rows(result))}\n")
-    if result.get("fairness_result"):
-        print(f"Fairness: fresh attackers on held-out users (lower = less leakage)\n\n{fairness_table(result)}\n")
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(result), f, indent=1)
-        print(f"results: {args.output}")
+    _print_fairness(result)
+    _save_result(result, args.output)
     return 0
 
 

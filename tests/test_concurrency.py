@@ -225,6 +225,7 @@ STORE_KILLS = {
     "mid-build": (8, True, "resuming an interrupted build at image 128"),
     "before-pixels-rename": (16, False, "resuming an interrupted build at image 240"),
     "before-index-rename": (17, False, REMOVED),  # pixels published, temporary index and progress record left
+    "after-index-rename": (17, True, "stale lock"),  # the store complete, only the lock file left behind
 }
 
 

@@ -122,8 +122,10 @@ class ImageStore:
         An up-to-date store is opened without the lock (read-only dataset folders work).
         """
         store = cls._open_if_fresh(image_dir, store_dir, size, tokens)
-        if store is not None:
+        if store is not None and not os.path.exists(lock_path_for(store_dir)):
             return store
+        # a complete store beside a lock file: a build is running, or one killed after its last write left the file;
+        # the locked path waits for the first and removes the second
         with BuildLock(lock_path_for(store_dir), what=f"image store {store_dir}", log=logger):
             index = read_json(os.path.join(store_dir, INDEX))
             if index is not None:

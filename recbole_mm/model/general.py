@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from recbole.model.abstract_recommender import GeneralRecommender
+from torch import nn
 from recbole.utils import InputType
 from torch.nn import functional as F
 
@@ -48,6 +49,27 @@ class MMGeneralRecommender(ContentMixin, GeneralRecommender):
         self.modalities = MODALITIES[self.modality]
         self._matrices = None
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.invalidate_matrices())
+
+    def init_id_and_feature_layers(self, features: dict, d: int, feat_d: int) -> None:
+        """The layers MMRec's graph models share: user and item ID embeddings (Xavier-uniform, ``d``), a trainable
+        copy of each modality's frozen features (``feature_tables``) and its projection to ``feat_d``
+        (``feature_proj``)."""
+        self.user_embedding = nn.Embedding(self.n_users, d)
+        self.item_id_embedding = nn.Embedding(self.n_items, d)
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_id_embedding.weight)
+        self.feature_tables = nn.ModuleDict({m: nn.Embedding.from_pretrained(f, freeze=False) for m, f in features.items()})
+        self.feature_proj = nn.ModuleDict({m: nn.Linear(f.shape[1], feat_d) for m, f in features.items()})
+
+    def lightgcn(self, adj: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LightGCN over the ID embeddings: ``n_layers`` propagations by the sparse ``adj`` (users then items), the
+        mean over the layers (layer 0 included), split into ``(users, items)``."""
+        ego = torch.cat([self.user_embedding.weight, self.item_id_embedding.weight], 0)
+        layers = [ego]
+        for _ in range(n_layers):
+            ego = torch.sparse.mm(adj, ego)
+            layers.append(ego)
+        return torch.stack(layers, 1).mean(1).split([self.n_users, self.n_items], 0)
 
     def training_edges(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """``(users, items)`` int64 tensors of the training interactions (internal ids)."""

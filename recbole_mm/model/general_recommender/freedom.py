@@ -14,7 +14,6 @@ Reference:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from recbole_mm.layers.graph import bipartite_adjacency, degree_sensitive_prune, knn_graph, sym_normalize
 from recbole_mm.model.general import MMGeneralRecommender, bpr_loss
@@ -82,12 +81,7 @@ class FREEDOM(MMGeneralRecommender):
         self.register_buffer("mm_adj", mm_adj, persistent=False)
 
         # define layers
-        self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
-        self.item_id_embedding = nn.Embedding(self.n_items, self.embedding_size)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
-        self.feature_tables = nn.ModuleDict({m: nn.Embedding.from_pretrained(f, freeze=False) for m, f in features.items()})
-        self.feature_proj = nn.ModuleDict({m: nn.Linear(f.shape[1], self.feat_embed_dim) for m, f in features.items()})
+        self.init_id_and_feature_layers(features, self.embedding_size, self.feat_embed_dim)
 
     def set_epoch(self, epoch: int) -> None:
         """Before every training epoch (MMTrainer): draw the pruned user-item graph of this epoch."""
@@ -101,12 +95,7 @@ class FREEDOM(MMGeneralRecommender):
         h = self.item_id_embedding.weight
         for _ in range(self.n_mm_layers):
             h = torch.sparse.mm(self.mm_adj, h)
-        ego = torch.cat([self.user_embedding.weight, self.item_id_embedding.weight], 0)
-        layers = [ego]
-        for _ in range(self.n_ui_layers):
-            ego = torch.sparse.mm(adj, ego)
-            layers.append(ego)
-        users, items = torch.stack(layers, 1).mean(1).split([self.n_users, self.n_items], 0)
+        users, items = self.lightgcn(adj, self.n_ui_layers)
         return users, items + h
 
     def user_item_matrices(self, training: bool):

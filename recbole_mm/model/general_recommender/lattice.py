@@ -97,12 +97,7 @@ class LATTICE(MMGeneralRecommender):
         self._item_graph = None
 
         # define layers
-        self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
-        self.item_id_embedding = nn.Embedding(self.n_items, self.embedding_size)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
-        self.feature_tables = nn.ModuleDict({m: nn.Embedding.from_pretrained(f, freeze=False) for m, f in features.items()})
-        self.feature_proj = nn.ModuleDict({m: nn.Linear(f.shape[1], self.feat_embed_dim) for m, f in features.items()})
+        self.init_id_and_feature_layers(features, self.embedding_size, self.feat_embed_dim)
         self.modal_weight = nn.Parameter(torch.full((len(features),), 1.0 / len(features)))
 
     def original(self, m: str):
@@ -143,12 +138,7 @@ class LATTICE(MMGeneralRecommender):
         h = self.item_id_embedding.weight
         for _ in range(self.n_layers):
             h = _propagate(*graph, h)
-        ego = torch.cat([self.user_embedding.weight, self.item_id_embedding.weight], 0)
-        layers = [ego]
-        for _ in range(self.n_ui_layers):
-            ego = torch.sparse.mm(self.norm_adj, ego)
-            layers.append(ego)
-        users, items = torch.stack(layers, 1).mean(1).split([self.n_users, self.n_items], 0)
+        users, items = self.lightgcn(self.norm_adj, self.n_ui_layers)
         return users, items + F.normalize(h, dim=-1)
 
     def calculate_loss(self, interaction):
