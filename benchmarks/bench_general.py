@@ -37,6 +37,8 @@ ROWS = [
     ("LATTICE", "LATTICE", {"learning_rate": 5e-4, "reg_weight": 1e-4}),
     ("FREEDOM", "FREEDOM", {"edge_dropout": 0.8, "reg_weight": 1e-4}),
 ]
+FMMREC_ROWS = [(f"FMMRec ({backbone})", backbone) for backbone in ("LightGCN", "LATTICE", "FREEDOM")]
+BMMF_EPOCHS = int(os.environ.get("BENCH_BMMF_EPOCHS", "20"))  # stage 1 (the original's default is 100)
 
 
 def worker(model: str, cfg: dict, out: str) -> None:
@@ -48,8 +50,10 @@ def worker(model: str, cfg: dict, out: str) -> None:
     result = recbole_mm.run_recbole(model=model, dataset="ml-100k-mm", config_dict=cfg)
     plain = lambda r: None if r is None else {k: (None if v is None else float(v)) for k, v in r.items()}  # noqa: E731
     json.dump({"test": plain(result["test_result"]), "cold": plain(result.get("cold_test_result")),
-               "fairness": result.get("fairness_result"), "efficiency": result.get("efficiency"),
-               "epoch_seconds": result.get("epoch_seconds")}, open(out, "w"))
+               "fairness": result.get("fairness_result"),
+               "fairness_item_aggregated": result.get("fairness_item_aggregated_result"),
+               "efficiency": result.get("efficiency"), "epoch_seconds": result.get("epoch_seconds"),
+               "checkpoint": result.get("checkpoint_file")}, open(out, "w"))
 
 
 def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
@@ -58,7 +62,13 @@ def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for seed in seeds:
-        for label, model, cfg in ROWS:
+        rows = list(ROWS)
+        for label, backbone in FMMREC_ROWS:  # after their backbone's row: stage 0 is its checkpoint
+            rows.append((label, "FMMRec", lambda backbone=backbone, seed=seed: {
+                "fmmrec_backbone": json.load(open(os.path.join(out_dir, f"{backbone}_{seed}.json")))["checkpoint"],
+                "bmmf_epochs": BMMF_EPOCHS, "fmmrec_cache_dir": os.path.join(out_dir, "fmmrec_cache")}))
+        for label, model, cfg in rows:
+            cfg = cfg() if callable(cfg) else cfg
             cfg = {**COMMON, **cfg, "epochs": epochs, "seed": seed, "checkpoint_dir": os.path.join(out_dir, "saved")}
             path = os.path.join(out_dir, f"{label}_{seed}.json")
             if not os.path.isfile(path):
@@ -100,6 +110,21 @@ def render(results: dict, epochs: int, seeds: list) -> str:
             f"{fmt(fm('gender', 'auc'), '.3f')} ({fmt(fm('gender', 'auc_hard'), '.3f')}) | "
             f"{fmt(fm('age', 'micro_f1'), '.3f')} ({fmt(fm('age', 'chance'), '.3f')}) | "
             f"{fmt(fm('occupation', 'micro_f1'), '.3f')} ({fmt(fm('occupation', 'chance'), '.3f')}) |")
+    agg = {label: runs for label, runs in results.items() if any(r.get("fairness_item_aggregated") for r in runs)}
+    if agg:
+        lines += ["", "FMMRec's second audit: the item-aggregated user vectors (the mean fair vector of the user's "
+                  "training items), the view the original reports beside the user vectors.", "",
+                  "| model | gender AUC (hard) | age F1 (chance) | occupation F1 (chance) | stage-2 s / epoch | wall s |",
+                  "|---|---|---|---|---|---|"]
+        for label, runs in agg.items():
+            fair = [r.get("fairness_item_aggregated") or {} for r in runs]
+            def fa(field, key):
+                return mean([f.get(field, {}).get(key) for f in fair])
+            lines.append(f"| {label} | {fmt(fa('gender', 'auc'), '.3f')} ({fmt(fa('gender', 'auc_hard'), '.3f')}) | "
+                         f"{fmt(fa('age', 'micro_f1'), '.3f')} ({fmt(fa('age', 'chance'), '.3f')}) | "
+                         f"{fmt(fa('occupation', 'micro_f1'), '.3f')} ({fmt(fa('occupation', 'chance'), '.3f')}) | "
+                         f"{fmt(mean([median(r.get('epoch_seconds') or []) for r in runs]), '.2f')} | "
+                         f"{fmt(mean([r.get('wall') for r in runs]), '.0f')} |")
     return "\n".join(lines)
 
 

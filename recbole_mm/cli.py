@@ -105,9 +105,9 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(float(v), fmt)
 
 
-def fairness_table(result: dict) -> str:
-    """Markdown table of a run's fairness audit (``result["fairness_result"]``; empty without one)."""
-    audit = result.get("fairness_result")
+def fairness_table(result: dict, key: str = "fairness_result") -> str:
+    """Markdown table of a run's fairness audit (``result[key]``; empty without one)."""
+    audit = result.get(key)
     if not audit:
         return ""
     if "error" in audit:
@@ -186,6 +186,9 @@ def cmd_run(args) -> int:
 def _print_fairness(result: dict) -> None:
     if result.get("fairness_result"):
         print(f"Fairness: fresh attackers on held-out users (lower = less leakage)\n\n{fairness_table(result)}\n")
+    if result.get("fairness_item_aggregated_result"):
+        print("Fairness of the item-aggregated user vectors (the mean of the user's training items' vectors)\n\n"
+              f"{fairness_table(result, 'fairness_item_aggregated_result')}\n")
 
 
 def _save_result(result: dict, path: Optional[str]) -> None:

@@ -85,9 +85,10 @@ def fairness_labels(config, dataset, train_dataset, model):
         raise ValueError(f"fairness_eval audits the user vectors of general (user-item) models; {config['model']} is "
                          f"{config['MODEL_TYPE'].name.lower()}")
     from recbole_mm.fairness import sensitive_labels
-    from recbole_mm.model.general import user_representations
+    from recbole_mm.model.general import MMGeneralRecommender, user_representations
 
-    user_representations(model)  # a model without usable user vectors fails here, not after training
+    if not isinstance(model, MMGeneralRecommender):  # the plugin's have user vectors (FMMRec's only after its stages)
+        user_representations(model)  # a model without usable user vectors fails here, not after training
     model.train()
     degree = torch.bincount(torch.as_tensor(train_dataset.inter_feat[train_dataset.uid_field]).long(),
                             minlength=dataset.user_num)
@@ -96,17 +97,24 @@ def fairness_labels(config, dataset, train_dataset, model):
     return uids, sensitive_labels(dataset, fields, uids, bins=cfg_get(config, "sensitive_bins"))
 
 
-def fairness_result(config, model, prepared) -> dict:
+def fairness_result(config, model, prepared, view: str | None = None) -> dict:
     """Fresh attackers trained on 80% of the users' representations try to recover each attribute of the other 20%
     (:func:`recbole_mm.fairness.audit`): AUC for binary attributes (probability and hard-prediction), micro / macro
-    F1 for the others, with the chance level and ``representation`` (where the vectors came from). A failure of
-    the audit is returned as ``{"error": message}`` (the trained model and its results are kept)."""
+    F1 for the others, with the chance level and ``representation`` (where the vectors came from). ``view`` audits
+    another of the model's ``fairness_views()`` (FMMRec's ``item_aggregated``: the mean fair item vector of the
+    user's training items). A failure of the audit is returned as ``{"error": message}`` (the trained model and
+    its results are kept)."""
     from recbole_mm.fairness import audit
     from recbole_mm.model.general import user_representations
 
     uids, labels = prepared
     try:
-        vectors, source = user_representations(model)
+        if view is None:
+            vectors, source = user_representations(model)
+        else:
+            model.eval()
+            with torch.no_grad():
+                vectors, source = model.fairness_views()[view], view
         out = audit(vectors[uids.to(vectors.device)].detach().cpu(), labels,
                     epochs=int(cfg_get(config, "fairness_epochs", 1000)), seed=int(config["seed"] or 0))
     except (ValueError, RuntimeError) as e:
@@ -117,6 +125,15 @@ def fairness_result(config, model, prepared) -> dict:
                             "vectors its forward() propagates")
     for r in out.values():
         r["representation"] = source
+    return out
+
+
+def fairness_results(config, model, prepared) -> dict:
+    """``{"fairness_result": ...}`` (the user vectors), plus ``fairness_item_aggregated_result`` for a model with that
+    view (FMMRec)."""
+    out = {"fairness_result": fairness_result(config, model, prepared)}
+    if hasattr(model, "fairness_views"):
+        out["fairness_item_aggregated_result"] = fairness_result(config, model, prepared, view="item_aggregated")
     return out
 
 
@@ -166,7 +183,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     }
     result.update(trainer_extras(trainer))
     if labels is not None:
-        result["fairness_result"] = fairness_result(config, model, labels)
+        result.update(fairness_results(config, model, labels))
         logger.info(set_color("fairness (attackers on held-out users)", "yellow") + f": {result['fairness_result']}")
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
@@ -264,5 +281,5 @@ def evaluate_checkpoint(model_file, split: str = "test") -> dict:
         out["cold_threshold_used"] = trainer.cold_threshold_used
     labels = fairness_labels(config, dataset, train_data._dataset, model)
     if labels is not None:
-        out["fairness_result"] = fairness_result(config, model, labels)
+        out.update(fairness_results(config, model, labels))
     return out

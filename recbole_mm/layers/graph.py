@@ -71,6 +71,11 @@ def _coo(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: i
     return torch.sparse_coo_tensor(indices, values.float(), (n_rows, n_cols), check_invariants=False).coalesce()
 
 
+def bipartite_counts(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:
+    """The ``[n_users, n_items]`` interaction matrix (a repeated pair counts twice), sparse."""
+    return _coo(users, items, torch.ones(users.numel(), device=users.device), n_users, n_items)
+
+
 def _check_square(adj: torch.Tensor) -> torch.Tensor:
     """``adj`` as a coalesced sparse COO matrix; raises unless it is 2-D and square."""
     if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:

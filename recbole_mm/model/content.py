@@ -26,13 +26,23 @@ class ContentMixin:
         self._feature_fingerprints: dict = {}  # path -> fingerprint of each frozen feature file read (frozen_features)
 
     def frozen_features(self, config, dataset, modality: str, kind: str = "pooled", taps=None):
-        """Frozen features of ``modality`` (``text`` | ``image``) aligned to internal ids (row 0 zeros), extracted
+        """Frozen features of ``modality`` (``text`` | ``image``; any name, e.g. ``audio``, read from
+        ``<modality>_feature_file``, a token-keyed feature file with its sidecar, as the converters write) aligned to internal ids (row 0 zeros), extracted
         on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
         ``[n_items, d]``; ``kind="tokens"`` / ``"taps"`` (hidden-state indices ``taps``, all when ``None``): a
         :class:`~recbole_mm.data.content.FeatureLookup` over the memory map ``[n, T, d]`` (stored as
         ``token_feature_dtype``, float16 by default)."""
         from recbole_mm.extract import default_feature_path, get_or_extract, spec_from_config
 
+        given = cfg_get(config, f"{modality}_feature_file")
+        if given and kind == "pooled":  # a feature file made elsewhere (MMRec's image / text / audio features)
+            path = given if os.path.isabs(given) else os.path.join(dataset.dataset_path, given)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{modality}_feature_file {given!r}: no such file ({path})")
+            return self._record(path, self.content.features(path))
+        if modality not in ("text", "image"):
+            raise ValueError(f"{modality} features come from a file: set {modality}_feature_file (e.g. "
+                             f"features/mmrec/{modality}.npy of a converted MMRec folder)")
         spec = spec_from_config(config, modality, kind=kind, taps=taps)
         if kind in ("tokens", "taps"):
             spec.dtype = cfg_get(config, "token_feature_dtype", "float16")
@@ -42,6 +52,9 @@ class ContentMixin:
         with preserved_rng():  # extracting on first use must not change this model's initial weights
             path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
         features = self.content.feature_lookup(path) if kind in ("tokens", "taps") else self.content.features(path)
+        return self._record(path, features)
+
+    def _record(self, path: str, features):
         # this model's own record (the content object is shared by every model built on the dataset)
         self._feature_fingerprints[os.path.abspath(path)] = dict(self.content.loaded_feature_fingerprints[
             os.path.abspath(path)])

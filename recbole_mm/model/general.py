@@ -24,7 +24,13 @@ from recbole_mm.model.content import ContentMixin
 from recbole_mm.trainer import MMTrainer
 from recbole_mm.utils import cfg_get
 
-MODALITIES = {"text": ["text"], "image": ["image"], "text+image": ["text", "image"]}
+def parse_modalities(modality: str, supported, model: str) -> list:
+    """``"text+image"`` -> ``["text", "image"]``, each part one of ``supported`` and named once."""
+    parts = [p.strip() for p in str(modality).split("+")]
+    if not parts or len(set(parts)) != len(parts) or any(p not in supported for p in parts):
+        raise ValueError(f"{model} modality must be '+'-joined names among {list(supported)} (each once), "
+                         f"got {modality!r}")
+    return parts
 
 
 def bpr_loss(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -37,6 +43,7 @@ class MMGeneralRecommender(ContentMixin, GeneralRecommender):
     items [n_items, D])`` and ``calculate_loss``."""
 
     input_type = InputType.PAIRWISE
+    supported_modalities = ("text", "image")  # audio (and other names) come from <modality>_feature_file
     dataset_class = MMDataset
     trainer_class = MMTrainer
 
@@ -44,9 +51,7 @@ class MMGeneralRecommender(ContentMixin, GeneralRecommender):
         super().__init__(config, dataset)
         self.init_content(config, dataset)
         self.modality = cfg_get(config, "modality", "text+image")
-        if self.modality not in MODALITIES:
-            raise ValueError(f"{type(self).__name__} modality must be one of {sorted(MODALITIES)}, got {self.modality!r}")
-        self.modalities = MODALITIES[self.modality]
+        self.modalities = parse_modalities(self.modality, self.supported_modalities, type(self).__name__)
         self._matrices = None
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.invalidate_matrices())
 
@@ -106,26 +111,33 @@ class MMGeneralRecommender(ContentMixin, GeneralRecommender):
         return users[interaction[self.USER_ID]] @ items.t()
 
 
-def user_representations(model) -> tuple[torch.Tensor, str]:
-    """``([n_users, D] user vectors, where they came from)`` of a general model, for the fairness audit: the plugin's
-    models' user matrix (``"user_item_matrices"``), the propagated users of RecBole's graph models whose ``forward()``
-    returns ``(users, items, ...)`` (LightGCN, NGCF, NCL: ``"forward"``), else the ``user_embedding`` table (BPR, ...:
-    ``"user_embedding"``; for a graph model whose ``forward`` needs arguments, e.g. SGL, these are its layer-0
-    vectors, not the propagated ones it scores with)."""
+def user_item_representations(model) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(users [n_users, D], items [n_items, D], where they came from)`` of a general model, the vectors it scores
+    with: the plugin's models' matrices (``"user_item_matrices"``), the propagated vectors of RecBole's graph models
+    whose ``forward()`` returns ``(users, items, ...)`` (LightGCN, NGCF, NCL: ``"forward"``), else the
+    ``user_embedding`` / ``item_embedding`` tables (BPR, ...: ``"user_embedding"``; for a graph model whose
+    ``forward`` needs arguments, e.g. SGL, these are its layer-0 vectors, not the propagated ones it scores with).
+    Used by the fairness audit and as FMMRec's stage-0 input."""
     model.eval()
     with torch.no_grad():
         if isinstance(model, MMGeneralRecommender):
-            return model.user_item_matrices(training=False)[0], "user_item_matrices"
+            return (*model.user_item_matrices(training=False), "user_item_matrices")
         try:
             out = model.forward()
         except TypeError:
             out = None
         if (isinstance(out, tuple) and len(out) >= 2 and isinstance(out[0], torch.Tensor) and out[0].dim() == 2
-                and out[0].shape[0] == model.n_users):
-            return out[0], "forward"
-        table = getattr(model, "user_embedding", None)
-        if isinstance(table, torch.nn.Embedding):
-            return table.weight, "user_embedding"
-    raise ValueError(f"fairness_eval: cannot find user representations in {type(model).__name__} (no user matrix, "
-                     "no forward() -> (users, items), no user_embedding); audit its vectors with "
-                     "recbole_mm.fairness.audit directly")
+                and out[0].shape[0] == model.n_users and out[1].shape[0] == model.n_items):
+            return out[0], out[1], "forward"
+        users, items = getattr(model, "user_embedding", None), getattr(model, "item_embedding", None)
+        if isinstance(users, torch.nn.Embedding) and isinstance(items, torch.nn.Embedding):
+            return users.weight, items.weight, "user_embedding"
+    raise ValueError(f"cannot find user / item representations in {type(model).__name__} (no user / item matrices, "
+                     "no forward() -> (users, items), no user_embedding / item_embedding tables); audit its vectors "
+                     "with recbole_mm.fairness.audit directly")
+
+
+def user_representations(model) -> tuple[torch.Tensor, str]:
+    """``([n_users, D] user vectors, where they came from)``: :func:`user_item_representations` without the items."""
+    users, _, source = user_item_representations(model)
+    return users, source

@@ -10,6 +10,9 @@
   ``new_test_result`` for the final test);
 - parameter groups: the model's ``optimizer_groups(config)`` (encoder vs the rest, each with its own learning
   rate and weight decay) in the one optimizer RecBole builds;
+- model hooks: ``before_fit(config, train_data, valid_data, show_progress)`` runs first in ``fit`` (earlier
+  stages, e.g. FMMRec's backbone), ``after_optimizer_step()`` after every optimizer step (a second player, e.g.
+  FMMRec's attackers), ``set_epoch(epoch)`` before every training epoch;
 - AMP only when it can help: ``enable_amp`` is honoured on CUDA (with a GradScaler) and ignored on the CPU;
 - metering: seconds per training epoch and per evaluation, the loss and valid-score history, and a
   training-curve plot (``plot_training_curve``);
@@ -231,14 +234,21 @@ class MMTrainer(Trainer):
 
     def _build_optimizer(self, **kwargs):
         groups_fn = getattr(self.model, "optimizer_groups", None)
-        if groups_fn is None or "params" in kwargs:
-            return super()._build_optimizer(**kwargs)
-        # torch optimizers keep each group's own lr / weight_decay over the defaults RecBole passes
-        return super()._build_optimizer(params=groups_fn(self.config), **kwargs)
+        if groups_fn is not None and "params" not in kwargs:
+            # torch optimizers keep each group's own lr / weight_decay over the defaults RecBole passes
+            kwargs["params"] = groups_fn(self.config)
+        optimizer = super()._build_optimizer(**kwargs)
+        after_step = getattr(self.model, "after_optimizer_step", None)
+        if callable(after_step):  # models with a second player (FMMRec's attackers) move after each step
+            optimizer.register_step_post_hook(lambda *args: after_step())
+        return optimizer
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._set_item_groups(train_data._dataset, is_train_split=True)
+        before_fit = getattr(self.model, "before_fit", None)
+        if callable(before_fit):  # models with earlier stages (FMMRec: its backbone and its modal transforms)
+            before_fit(self.config, train_data, valid_data, show_progress=show_progress)
         meter = MemoryMeter(self.device)
         meter.start()
         start = time.perf_counter()
