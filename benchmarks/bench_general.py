@@ -37,7 +37,10 @@ ROWS = [
     ("LATTICE", "LATTICE", {"learning_rate": 5e-4, "reg_weight": 1e-4}),
     ("FREEDOM", "FREEDOM", {"edge_dropout": 0.8, "reg_weight": 1e-4}),
 ]
-FMMREC_ROWS = [(f"FMMRec ({backbone})", backbone) for backbone in ("LightGCN", "LATTICE", "FREEDOM")]
+FMMREC_ROWS = [(f"FMMRec ({backbone})", backbone, {}) for backbone in ("LightGCN", "LATTICE", "FREEDOM")]
+# ablation: the same stages without the adversarial terms (disc_reg_weight 0: the filter and the neighbour
+# enhancement only), to tell what the attackers add
+FMMREC_ROWS.append(("FMMRec (LATTICE), no attackers", "LATTICE", {"disc_reg_weight": 0.0}))
 BMMF_EPOCHS = int(os.environ.get("BENCH_BMMF_EPOCHS", "20"))  # stage 1 (the original's default is 100)
 
 
@@ -63,10 +66,10 @@ def run_all(epochs: int, seeds: list, out_dir: str) -> dict:
     results = {}
     for seed in seeds:
         rows = list(ROWS)
-        for label, backbone in FMMREC_ROWS:  # after their backbone's row: stage 0 is its checkpoint
-            rows.append((label, "FMMRec", lambda backbone=backbone, seed=seed: {
+        for label, backbone, extra in FMMREC_ROWS:  # after their backbone's row: stage 0 is its checkpoint
+            rows.append((label, "FMMRec", lambda backbone=backbone, seed=seed, extra=extra: {
                 "fmmrec_backbone": json.load(open(os.path.join(out_dir, f"{backbone}_{seed}.json")))["checkpoint"],
-                "bmmf_epochs": BMMF_EPOCHS, "fmmrec_cache_dir": os.path.join(out_dir, "fmmrec_cache")}))
+                "bmmf_epochs": BMMF_EPOCHS, "fmmrec_cache_dir": os.path.join(out_dir, "fmmrec_cache"), **extra}))
         for label, model, cfg in rows:
             cfg = cfg() if callable(cfg) else cfg
             cfg = {**COMMON, **cfg, "epochs": epochs, "seed": seed, "checkpoint_dir": os.path.join(out_dir, "saved")}
@@ -92,9 +95,9 @@ def render(results: dict, epochs: int, seeds: list) -> str:
         "(and from hard predictions, the original's), age (7 MovieLens-1M groups) and occupation (21) micro-F1, with "
         f"the majority-class chance level. Mean over {len(seeds)} seeds.",
         "",
-        "| model | Recall@20 | NDCG@20 | Recall@10 | epochs run | s / epoch | gender AUC (hard) | age F1 (chance) "
-        "| occupation F1 (chance) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | Recall@20 | NDCG@20 | Recall@10 | epochs run | s / epoch | peak RSS MiB | gender AUC (hard) "
+        "| age F1 (chance) | occupation F1 (chance) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, runs in results.items():
         fair = [r.get("fairness") or {} for r in runs]
@@ -107,6 +110,7 @@ def render(results: dict, epochs: int, seeds: list) -> str:
             f"{fmt(mean([r['test']['ndcg@20'] for r in runs]))} | {fmt(mean([r['test']['recall@10'] for r in runs]))} | "
             f"{fmt(mean([len(r.get('epoch_seconds') or []) for r in runs]), '.0f')} | "
             f"{fmt(mean([median(r.get('epoch_seconds') or []) for r in runs]), '.2f')} | "
+            f"{fmt(mean([(r.get('efficiency') or {}).get('peak_memory_mib') for r in runs]), '.0f')} | "
             f"{fmt(fm('gender', 'auc'), '.3f')} ({fmt(fm('gender', 'auc_hard'), '.3f')}) | "
             f"{fmt(fm('age', 'micro_f1'), '.3f')} ({fmt(fm('age', 'chance'), '.3f')}) | "
             f"{fmt(fm('occupation', 'micro_f1'), '.3f')} ({fmt(fm('occupation', 'chance'), '.3f')}) |")

@@ -146,22 +146,52 @@ def _user_ids_array(user_ids: Any, n_rows: Optional[int], start: int) -> np.ndar
     return ids
 
 
+def _values_from_user_file(dataset: Any, field: str, user_ids: Any) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``field`` read from the dataset's ``<name>.user`` atomic file, by internal user id, when RecBole did not load
+    it (``load_col`` without it): the audit needs no ``load_col`` change, and no model's batches carry the
+    attributes. ``None`` when there is no such file or column."""
+    import csv
+    import os
+
+    path = os.path.join(str(getattr(dataset, "dataset_path", "")), f"{getattr(dataset, 'dataset_name', '')}.user")
+    token_ids = getattr(dataset, "field2token_id", {}).get(getattr(dataset, "uid_field", None))
+    if not os.path.isfile(path) or token_ids is None:
+        return None
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=str(dataset.config["field_separator"] or "\t"), quoting=csv.QUOTE_NONE)
+        header = [h.split(":")[0] for h in next(reader, [])]
+        if field not in header or dataset.uid_field not in header:
+            return None
+        col, uid = header.index(field), header.index(dataset.uid_field)
+        values = np.full(len(token_ids), None, dtype=object)
+        for row in reader:
+            if len(row) > max(col, uid) and row[uid] in token_ids:
+                values[token_ids[row[uid]]] = row[col]
+    ids = _user_ids_array(user_ids, len(values), start=1)
+    return values[ids], ids
+
+
 def _raw_values(user_table: Any, field: str, user_ids: Any) -> Tuple[np.ndarray, np.ndarray]:
     """Raw values of ``field`` for ``user_ids`` (object array) and the ids used."""
     user_feat = getattr(user_table, "user_feat", None)
     if hasattr(user_table, "field2id_token") and hasattr(user_table, "user_feat"):
         # A RecBole Dataset: user_feat rows are ordered by internal user id (row 0 is the [PAD] user) and token
         # fields hold remapped ids whose raw tokens are in field2id_token (id 0 = '[PAD]' = no value).
+        columns = [] if user_feat is None else list(
+            getattr(user_feat, "columns", user_feat.keys() if hasattr(user_feat, "keys") else []))
+        if field not in columns:
+            from_file = _values_from_user_file(user_table, field, user_ids)  # not loaded: read the .user file
+            if from_file is not None:
+                return from_file
         if user_feat is None:
             raise ValueError(
                 f"field '{field}': the dataset has no user features; provide a .user file and load its columns "
                 f"(e.g. `load_col: {{user: [user_id, {field}]}}`)."
             )
-        columns = list(getattr(user_feat, "columns", user_feat.keys() if hasattr(user_feat, "keys") else []))
         if field not in columns:
             raise ValueError(
-                f"field '{field}' is not a loaded user feature (loaded: {columns}); add `{field}:token` to the .user "
-                f"file and list it in `load_col: {{user: [...]}}`."
+                f"field '{field}' is not a loaded user feature (loaded: {columns}) nor a column of the .user file; "
+                f"add `{field}:token` to the .user file and list it in `load_col: {{user: [...]}}`."
             )
         column = user_feat[field]
         column = column.detach().cpu().numpy() if isinstance(column, torch.Tensor) else np.asarray(column)

@@ -18,7 +18,8 @@ def cfg_get(config, key: str, default=None):
 
 @contextlib.contextmanager
 def preserved_rng():
-    """Run a block without moving the random streams of torch (CPU), numpy and python: work done on first use only
+    """Run a block without moving the random streams of torch (CPU and CUDA), numpy and python, nor cuDNN's
+    determinism flags (``init_seed`` sets them): work done on first use only
     (feature extraction inside a model's construction) must not change the model's initial weights, or a run that
     extracted and the same run afterwards would differ."""
     import random
@@ -27,10 +28,14 @@ def preserved_rng():
     import torch
 
     py_state, np_state = random.getstate(), np.random.get_state()
+    cudnn = torch.backends.cudnn
+    flags = (cudnn.benchmark, cudnn.deterministic)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        cudnn.benchmark, cudnn.deterministic = flags
 

@@ -85,9 +85,13 @@ def test_stage_inputs_come_from_the_backbone_and_the_transforms(fmmrec_cfg):
 
 def test_backbone_errors(fmmrec_cfg, tmp_path):
     for backbone, match in [("NoSuchModel", "neither a model name nor a checkpoint"),
-                            (str(tmp_path / "missing.pth"), "does not exist")]:
+                            (str(tmp_path / "missing.pth"), "does not exist"),
+                            ("SASRec", "general pairwise"), ("FMMRec", "general pairwise")]:
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             recbole_mm.run_recbole(model="FMMRec", dataset="mm-tiny", config_dict=dict(fmmrec_cfg, fmmrec_backbone=backbone))
+    with pytest.raises(ValueError, match="FMMRec's own loader"):
+        recbole_mm.run_recbole(model="FMMRec", dataset="mm-tiny", config_dict=dict(
+            fmmrec_cfg, fmmrec_backbone_config={"epochs": 1, "train_batch_size": 64}))
     with pytest.raises(RuntimeError, match="no backbone vectors yet"):
         build_run("FMMRec", "mm-tiny", fmmrec_cfg)[5].full_sort_predict(None)
     with pytest.raises(ValueError, match="filter_mode"):
@@ -98,10 +102,12 @@ def test_backbone_errors(fmmrec_cfg, tmp_path):
 
 
 def test_bad_sensitive_attributes(fmmrec_cfg, tiny_root, tmp_path):
+    # attributes RecBole did not load (mm-tiny's load_col has no user columns) are read from the .user file
     no_users = {k: v for k, v in fmmrec_cfg.items() if k != "load_col"}
-    with pytest.raises(ValueError, match="gender"):  # the .user columns were not loaded
-        build_run("FMMRec", "mm-tiny", no_users)
-    with pytest.raises(ValueError, match="not a loaded user feature|not in the user table"):
+    unloaded = build_run("FMMRec", "mm-tiny", no_users)
+    assert unloaded[1].user_feat is None
+    assert torch.equal(unloaded[5].labels, build_run("FMMRec", "mm-tiny", fmmrec_cfg)[5].labels)
+    with pytest.raises(ValueError, match="'income' is not a loaded user feature.*nor a column of the .user file"):
         build_run("FMMRec", "mm-tiny", dict(fmmrec_cfg, sensitive_fields=["gender", "income"]))
     # a single class among the users, and users without a value (counted out of the attackers' losses)
     import shutil
@@ -227,3 +233,20 @@ def test_a_run_killed_during_stage_1_then_rerun(fmmrec_cfg, tmp_path):
                                    config_dict=dict(cfg, fmmrec_cache_dir=str(tmp_path / "fresh")))
     assert _plain(rerun["test_result"]) == _plain(fresh["test_result"])
     assert not glob.glob(os.path.join(cache, "*.tmp"))
+
+
+def test_attackers_step_after_every_optimizer_step_in_fit(fmmrec_cfg):
+    """MMTrainer calls after_optimizer_step once per training batch; the attackers move, the recommender's
+    optimizer holds none of their parameters."""
+    config, _, train, valid, _, model, trainer = build_run("FMMRec", "mm-tiny", dict(fmmrec_cfg, epochs=1,
+                                                                                     fairness_eval=False))[:7]
+    calls = []
+    step = model.after_optimizer_step
+    model.after_optimizer_step = lambda: (calls.append(1), step())
+    trainer = type(trainer)(config, model)  # the optimizer hook binds the model's method when it is built
+    before = [p.detach().clone() for p in model.user_attackers.parameters()]
+    trainer.fit(train, valid, saved=False)
+    assert len(calls) == len(train) > 0
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.user_attackers.parameters()))
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in model.user_attackers.parameters()}

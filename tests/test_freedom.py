@@ -159,8 +159,8 @@ def test_fairness_eval_bad_input_fails_before_training(freedom_cfg, monkeypatch)
 
     monkeypatch.setattr(MMTrainer, "fit", no_training)
     cfg = dict(freedom_cfg, fairness_eval=True)
-    with pytest.raises(ValueError, match="gender"):  # the .user columns were not loaded
-        recbole_mm.run_recbole(model="FREEDOM", dataset="mm-tiny", config_dict=cfg)
+    with pytest.raises(ValueError, match="income"):  # neither loaded nor in the .user file
+        recbole_mm.run_recbole(model="FREEDOM", dataset="mm-tiny", config_dict=dict(cfg, sensitive_fields=["income"]))
     with pytest.raises(ValueError, match="general"):
         recbole_mm.run_recbole(model="SASRec", dataset="mm-tiny", config_dict=dict(cfg, **USER_COLS))
     with pytest.raises(ValueError, match="cannot find user / item representations"):  # ItemKNN has no user vectors

@@ -11,7 +11,9 @@
 
 ``<cache>`` is ``fmmrec_cache_dir`` (default ``<dataset folder>/fmmrec``); ``<key>`` is a digest of everything the
 stage's output depends on: the training interactions, the labels, the input features, the stage's settings and
-the seed, so changing any of them writes a new file and a rerun with the same settings reuses the old one. Files
+the seed (stage 0: the backbone's whole effective config but for where the run writes and what it prints, the
+validation interactions and the backbone's feature files), so changing any of them writes a new file and a rerun
+with the same settings reuses the old one. Files
 are written to a temporary name and renamed, so a killed run never leaves a half-written stage behind. The stages
 run with the random streams of the caller preserved (a run that builds a stage and one that reuses it then train
 identically).
@@ -77,9 +79,28 @@ def backbone_config_dict(config, own_keys) -> dict:
     return shared
 
 
-def _build_backbone(model_config, dataset, device):
-    cls = registry.get_model(model_config["model"])
-    return cls(model_config, dataset).to(device)
+# keys that change where a run writes or what it prints, not what the backbone learns (left out of the stage-0 key)
+RUN_ONLY_KEYS = ("checkpoint_dir", "state", "show_progress", "gpu_id", "use_gpu", "device", "log_wandb", "wandb_project",
+                 "shuffle", "worker", "nproc", "local_rank", "world_size", "offset", "ip", "port", "single_spec",
+                 "eval_batch_size", "count_flops", "fmmrec_cache_dir", "data_path", "features_dir")
+# the backbone trains on FMMRec's own training loader: these come from FMMRec's config
+LOADER_KEYS = ("train_batch_size", "train_neg_sample_args")
+
+
+def backbone_class(name: str):
+    """The registered class of a backbone: a general pairwise (BPR-trained) model other than FMMRec."""
+    from recbole.utils import InputType, ModelType
+
+    cls = registry.get_model(name)
+    if getattr(cls, "type", None) != ModelType.GENERAL or getattr(cls, "input_type", None) != InputType.PAIRWISE \
+            or cls.__name__ == "FMMRec":
+        raise ValueError(f"fmmrec_backbone {name!r}: the backbone must be a general pairwise (BPR-trained) model other "
+                         "than FMMRec, e.g. LATTICE, FREEDOM, LightGCN, BPR")
+    return cls
+
+
+def _build_backbone(model_config, dataset):
+    return backbone_class(model_config["model"])(model_config, dataset).to(model_config["device"])
 
 
 def _representations(backbone, n_users: int, n_items: int, d: int, where: str):
@@ -103,6 +124,7 @@ def load_backbone_checkpoint(path: str, config, dataset):
     if cfg0 is None or "state_dict" not in ckpt:
         raise ValueError(f"fmmrec_backbone {path!r} is not a RecBole checkpoint (no config / state_dict)")
     compat.recbole_numpy_settings(cfg0)
+    cfg0["device"] = torch.device("cpu")  # RecBole's models put their graphs on config["device"]
     if cfg0["dataset"] != config["dataset"]:
         raise ValueError(f"fmmrec_backbone {path!r} was trained on dataset {cfg0['dataset']!r}, this run is on "
                          f"{config['dataset']!r}")
@@ -111,7 +133,7 @@ def load_backbone_checkpoint(path: str, config, dataset):
             getLogger().warning(f"fmmrec_backbone {path!r} was trained with {key} {cfg0[key]!r}, this run has "
                                 f"{config[key]!r}: its vectors may have seen another split's interactions")
     with restoring_checkpoint():
-        backbone = _build_backbone(cfg0, dataset, "cpu")
+        backbone = _build_backbone(cfg0, dataset)
     try:
         backbone.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
@@ -137,35 +159,44 @@ def backbone_representations(model, config, train_data, valid_data, show_progres
     from recbole_mm.config import Config
     from recbole_mm.trainer.utils import get_trainer
 
+    backbone_class(spec)
     passed = backbone_config_dict(config, model.own_config_keys())
-    passed.setdefault("embedding_size", d)
-    key = digest({"backbone": spec, "config": passed, "edges": model.edges_digest, "seed": config["seed"]})
-    path = os.path.join(cache_dir(config, dataset), f"backbone-{spec}-{key}.pth")
-    if os.path.isfile(path):
-        logger.info(f"FMMRec stage 0: reusing the trained {spec} backbone {path}")
-        backbone = load_backbone_checkpoint(path, config, dataset)
-        return (*_representations(backbone, model.n_users, model.n_items, d, path),
-                {"backbone": spec, "checkpoint": path, "trained": False})
-    logger.info(f"FMMRec stage 0: training the {spec} backbone (cached as {path})")
-    cfg0 = Config(model=spec, dataset=config["dataset"], config_dict=dict(passed, model=spec))
+    clash = sorted(set(dict(cfg_get(config, "fmmrec_backbone_config", {}) or {})) & set(LOADER_KEYS))
+    if clash:
+        raise ValueError(f"fmmrec_backbone_config sets {clash}: the backbone trains on FMMRec's own loader, so set "
+                         "them for the run (they apply to both)")
+    passed.update({"embedding_size": d, "model": spec, **{k: config[k] for k in LOADER_KEYS}})
+    cfg0 = Config(model=spec, dataset=config["dataset"], config_dict=passed)
     generator_state = train_data.generator.get_state() if hasattr(train_data, "generator") else None
     with preserved_rng():
         init_seed(cfg0["seed"], cfg0["reproducibility"])
-        backbone = _build_backbone(cfg0, dataset, cfg0["device"])
-        trainer = get_trainer(cfg0["MODEL_TYPE"], type(backbone))(cfg0, backbone)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        trainer.saved_model_file = tmp
-        try:
-            trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=show_progress)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        backbone = _build_backbone(cfg0, dataset)
+        valid = valid_data._dataset.inter_feat  # early stopping reads it
+        key = digest({"backbone": spec, "edges": model.edges_digest,
+                      "valid": [tensor_digest(valid[dataset.uid_field]), tensor_digest(valid[dataset.iid_field])],
+            "config": {k: v for k, v in cfg0.final_config_dict.items() if k not in RUN_ONLY_KEYS},
+            "features": getattr(backbone, "feature_fingerprints", dict)()})
+        path = os.path.join(cache_dir(config, dataset), f"backbone-{spec}-{key}.pth")
+        if os.path.isfile(path):
+            logger.info(f"FMMRec stage 0: reusing the trained {spec} backbone {path}")
+            trained = False
+        else:
+            logger.info(f"FMMRec stage 0: training the {spec} backbone (cached as {path})")
+            trainer = get_trainer(cfg0["MODEL_TYPE"], type(backbone))(cfg0, backbone)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            trainer.saved_model_file = tmp
+            try:
+                trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=show_progress)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            trained = True
     if generator_state is not None:  # the backbone's epochs must not change FMMRec's own batch order
         train_data.generator.set_state(generator_state)
     backbone = load_backbone_checkpoint(path, config, dataset)
-    info = {"backbone": spec, "checkpoint": path, "trained": True, "best_valid_score": trainer.best_valid_score}
-    return (*_representations(backbone, model.n_users, model.n_items, d, path), info)
+    return (*_representations(backbone, model.n_users, model.n_items, d, path),
+            {"backbone": spec, "checkpoint": path, "trained": trained})
 
 
 def disentangled_features(model, config, dataset, features: dict, user_feats: dict, batch_users: torch.Tensor,

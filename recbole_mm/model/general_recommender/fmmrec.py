@@ -188,14 +188,15 @@ class FMMRec(MMGeneralRecommender):
         return [{"params": [p for p in self.parameters() if id(p) not in attackers]}]
 
     def adversarial_terms(self, fair_users: torch.Tensor, aggregated: torch.Tensor, labels: torch.Tensor,
-                          frozen: bool) -> torch.Tensor:
-        """``sum_k [ l(D^u_k(Ũ), s_k) + weight_i * l(D^i_k(Â Ĩ), s_k) ]`` over the rows with a label."""
+                          frozen: bool, item_weight: float = 1.0) -> torch.Tensor:
+        """``sum_k [ l(D^u_k(Ũ), s_k) + item_weight * l(D^i_k(Â Ĩ), s_k) ]`` over the rows with a label (the
+        recommender's loss weighs the item attackers by ``weight_i``; each attacker trains on its own loss)."""
         call = frozen_call if frozen else (lambda module, x: module(x))
         total = fair_users.new_zeros(())
         for k, f in enumerate(self.fields):
             du, di = self.user_attackers[f], self.item_attackers[f]
             total = total + attacker_loss(du, call(du, fair_users), labels[:, k]) \
-                + self.weight_i * attacker_loss(di, call(di, aggregated), labels[:, k])
+                + item_weight * attacker_loss(di, call(di, aggregated), labels[:, k])
         return total
 
     def calculate_loss(self, interaction):
@@ -207,7 +208,8 @@ class FMMRec(MMGeneralRecommender):
         aggregated = torch.sparse.mm(self.inter_norm, item_vecs)[users]
         labels = self.labels[users]
         self._last_batch = (u.detach(), aggregated.detach(), labels)
-        return bpr + reg - self.disc_reg_weight * self.adversarial_terms(u, aggregated, labels, frozen=True)
+        return bpr + reg - self.disc_reg_weight * self.adversarial_terms(u, aggregated, labels, frozen=True,
+                                                                         item_weight=self.weight_i)
 
     def after_optimizer_step(self) -> None:
         """``d_steps`` Adam steps of every attacker on the last batch's detached vectors (MMTrainer calls this
@@ -224,4 +226,5 @@ class FMMRec(MMGeneralRecommender):
                 self._attacker_optimizer.zero_grad(set_to_none=True)
                 self.adversarial_terms(fair_users, aggregated, labels, frozen=False).backward()
                 self._attacker_optimizer.step()
+        self._attacker_optimizer.zero_grad(set_to_none=True)  # no stale gradients in the model's (clipping, counts)
         self._last_batch = None
