@@ -250,3 +250,13 @@ def test_attackers_step_after_every_optimizer_step_in_fit(fmmrec_cfg):
     assert all(not torch.equal(b, p) for b, p in zip(before, model.user_attackers.parameters()))
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in model.user_attackers.parameters()}
+
+
+def test_recbole_own_entry_point_runs_the_stages(fmmrec_cfg):
+    """RecBole's run_recbole (patched by the plugin) builds FMMRec and MMTrainer, so the stages run there too."""
+    import recbole.quick_start
+
+    result = recbole.quick_start.run_recbole(model="FMMRec", dataset="mm-tiny",
+                                             config_dict=dict(fmmrec_cfg, fairness_eval=False))
+    assert 0.0 <= result["test_result"]["recall@20"] <= 1.0
+    assert glob.glob(os.path.join(fmmrec_cfg["fmmrec_cache_dir"], "bmmf-*.pt"))
