@@ -108,6 +108,9 @@ def main() -> int:
     if args.profile_worker:
         profile_worker(*args.profile_worker)
         return 0
+    import torch
+
+    torch.set_num_threads(1)  # as in every worker (the machine line reports it)
     from _report import machine, write_section
 
     med = statistics.median

@@ -237,3 +237,22 @@ def test_cli_tune_morec(morec_cfg, tmp_path):
     assert cli(["tune", "--model", "MoRec", "--dataset", "mm-tiny", "--space", "dnn_layers=choice([0, 1])", "-o", str(out)]
                + overrides) == 0
     assert out.read_text().count("## dnn_layers:") == 2
+
+
+@pytest.mark.parametrize("over", [dict(modality="text"), dict(modality="text+image", fusion="concat", id_tower=True)])
+def test_the_catalogue_read_in_place_equals_the_gathered_one(morec_cfg, over):
+    """The CE loss reads the two-stage catalogue in place (a slice of the cached features, no gather): the same
+    vectors and gradients as the tower over arange(1, n_items), dropout draws included."""
+    model = build(morec_cfg, mode="two_stage", loss="ce", **over)[5]
+    model.train()
+    torch.manual_seed(0)
+    fast = model.catalogue_vectors()
+    fast.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(0)
+    slow = model.item_tower(torch.arange(1, model.n_items))
+    slow.square().sum().backward()
+    assert fast.shape == (model.n_items - 1, model.embedding_size)
+    torch.testing.assert_close(fast, slow)
+    assert grads and all(torch.allclose(grads[n], p.grad) for n, p in model.named_parameters() if n in grads)

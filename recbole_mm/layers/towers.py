@@ -71,6 +71,10 @@ class FeatureTower(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dnn(self.head(self.features[ids]))
 
+    def catalogue(self, first: int = 1) -> torch.Tensor:
+        """``forward(arange(first, n_items))`` reading the feature rows in place (a slice, not a gather)."""
+        return self.dnn(self.head(self.features[first:]))
+
 
 class TokenFeatureTower(nn.Module):
     """Frozen token features (``lookup(ids) -> [n, T, d]``, e.g. :class:`~recbole_mm.data.content.FeatureLookup`)
@@ -153,6 +157,9 @@ class IDTower(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
+    def catalogue(self, first: int = 1) -> torch.Tensor:
+        return self.embedding.weight[first:]
+
 
 class FusedItemTower(nn.Module):
     """One tower per modality (``towers``, a dict in config order) fused into one ``[n, D]`` vector.
@@ -175,6 +182,14 @@ class FusedItemTower(nn.Module):
         if with_modalities:
             return fused, [pooled(o) for o in outputs]
         return fused
+
+    def catalogue(self, first: int = 1):
+        """``forward(arange(first, n_items))`` when every tower reads its rows in place (``catalogue``), else None."""
+        towers = list(self.towers.values())
+        if not all(hasattr(t, "catalogue") for t in towers):
+            return None
+        outputs = [t.catalogue(first) for t in towers]
+        return pooled(outputs[0]) if len(outputs) == 1 else self.fusion(outputs)
 
 
 class FrozenTextTaps(_EncoderTower):

@@ -192,6 +192,13 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
         self._count(len(uniq))
         return vecs[inverse].view(*ids.shape, -1)
 
+    def catalogue_vectors(self) -> torch.Tensor:
+        """``item_tower(arange(1, n_items))`` (every real item, in id order); two-stage towers read their cached
+        rows in place instead of gathering them (the full-softmax loss needs the whole catalogue at every step)."""
+        catalogue = getattr(self.item_tower, "catalogue", None)
+        out = catalogue(1) if catalogue is not None else None
+        return out if out is not None else self.item_tower(torch.arange(1, self.n_items, device=self.log_pop.device))
+
     def _count(self, n: int) -> None:
         if self.training:
             self.items_encoded_train += n
@@ -271,7 +278,7 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
             if self.expensive_item_tower:
                 raise ValueError(f"{type(self).__name__}: loss 'ce' needs every item vector at every step; use cached "
                                  "features (two-stage) or the inbatch / bce losses")
-            real = self.item_tower(torch.arange(1, self.n_items, device=seq.device))  # every item once
+            real = self.catalogue_vectors()  # every item once
             self._count(self.n_items - 1)
             states = self.user_states(seq, lengths, real[(seq - 1).clamp(min=0)])  # padding zeroed there
             return losses.full_softmax_loss(self.score_users(states), targets, self.score_items(real), first_id=1)
