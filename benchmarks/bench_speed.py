@@ -10,7 +10,8 @@ its range.
 
 ``--profile``: one more pair of processes times the phases of a training step (median over 60 steps after 10 warm-up
 steps, interleaved): the item vectors (SASRec: none, the embedding table is read in the encoder; MoRec: the DNN head
-over the whole catalogue), the user encoder and the loss (forward), the backward pass, the optimizer step.
+over the whole catalogue, ``catalogue_vectors``), the user encoder and the loss (forward), the backward pass, the
+optimizer step.
 
     python benchmarks/bench_speed.py [--reps 3] [--epochs 4] [--profile] [--no-write]
 """
@@ -67,7 +68,7 @@ def profile_worker(name: str, out: str) -> None:
             from recbole_mm.model import losses
 
             seq, lengths, targets, _ = net.sequence_targets(batch)
-            real = net.item_tower(torch.arange(1, net.n_items))
+            real = net.catalogue_vectors()
             t1 = time.perf_counter()
             states = net.user_states(seq, lengths, real[(seq - 1).clamp(min=0)])
             loss = losses.full_softmax_loss(net.score_users(states), targets, net.score_items(real), first_id=1)
