@@ -116,7 +116,8 @@ def fairness_table(result: dict, key: str = "fairness_result") -> str:
     for field, r in audit.items():
         metrics = ("auc", "auc_hard") if r.get("kind") == "binary" else ("micro_f1", "macro_f1")
         for m in metrics:
-            lines.append(f"| {field} | {r.get('n_classes')} | {m} | {_num(r.get(m), '.4f')} | {_num(r.get('chance'), '.4f')} "
+            chance = r.get(f"chance_{m}", r.get("chance"))
+            lines.append(f"| {field} | {r.get('n_classes')} | {m} | {_num(r.get(m), '.4f')} | {_num(chance, '.4f')} "
                          f"| {r.get('n_test')} | {r.get('excluded')} |")
     return "\n".join(lines)
 

@@ -60,6 +60,7 @@ __all__ = [
     "ML1M_AGE_EDGES",
     "ML1M_AGE_CLASSES",
     "MISSING_TOKENS",
+    "as_fields",
     "sensitive_labels",
     "auc_from_probabilities",
     "auc_from_hard_predictions",
@@ -160,8 +161,12 @@ def _values_from_user_file(dataset: Any, field: str, user_ids: Any) -> Optional[
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=str(dataset.config["field_separator"] or "\t"), quoting=csv.QUOTE_NONE)
         header = [h.split(":")[0] for h in next(reader, [])]
-        if field not in header or dataset.uid_field not in header:
+        if dataset.uid_field not in header:
             return None
+        if field not in header:
+            raise ValueError(f"field '{field}' is not a column of {os.path.basename(path)} (columns: "
+                             f"{[h for h in header if h != dataset.uid_field]}); add `{field}:token` to it or remove "
+                             f"'{field}' from the audited fields.")
         col, uid = header.index(field), header.index(dataset.uid_field)
         values = np.full(len(token_ids), None, dtype=object)
         for row in reader:
@@ -227,6 +232,13 @@ def _raw_values(user_table: Any, field: str, user_ids: Any) -> Tuple[np.ndarray,
         raise ValueError(f"field '{field}' must be one value per user, got shape {column.shape}.")
     ids = _user_ids_array(user_ids, len(column), start=0)
     return column[ids], ids
+
+
+def as_fields(value) -> list:
+    """``sensitive_fields`` as a list: a bare name (``gender`` on the command line) is one field."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def sensitive_labels(
@@ -592,8 +604,8 @@ def audit(
         ``n_train``, ``n_test``, ``excluded`` (users without the attribute) and ``chance``; binary attributes add
         ``auc`` (probability AUC, :func:`auc_from_probabilities`) and ``auc_hard`` (**the original's metric**,
         :func:`auc_from_hard_predictions`), with ``chance`` 0.5; multi-class attributes add ``micro_f1`` (the
-        original's metric) and ``macro_f1``, with ``chance`` the micro-F1 of predicting the training part's
-        majority class for every held-out user.
+        original's metric) and ``macro_f1``, with ``chance`` (``chance_macro_f1``) the micro-F1 (macro-F1) of
+        predicting the training part's majority class for every held-out user.
 
     Raises:
         ValueError: bad shapes, a ``train_fraction`` outside (0, 1), an attribute with fewer than 2 users with a
@@ -673,5 +685,6 @@ def audit(
             report["macro_f1"] = macro_f1(y_test, pred)
             majority = int(torch.bincount(y_train, minlength=n_classes).argmax())
             report["chance"] = float((y_test == majority).double().mean())
+            report["chance_macro_f1"] = macro_f1(y_test, torch.full_like(y_test, majority))
         reports[field] = report
     return reports

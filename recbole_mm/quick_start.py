@@ -84,7 +84,7 @@ def fairness_labels(config, dataset, train_dataset, model):
     if config["MODEL_TYPE"] not in (ModelType.GENERAL, ModelType.TRADITIONAL):
         raise ValueError(f"fairness_eval audits the user vectors of general (user-item) models; {config['model']} is "
                          f"{config['MODEL_TYPE'].name.lower()}")
-    from recbole_mm.fairness import sensitive_labels
+    from recbole_mm.fairness import as_fields, sensitive_labels
     from recbole_mm.model.general import MMGeneralRecommender, user_representations
 
     if not isinstance(model, MMGeneralRecommender):  # the plugin's have user vectors (FMMRec's only after its stages)
@@ -93,7 +93,7 @@ def fairness_labels(config, dataset, train_dataset, model):
     degree = torch.bincount(torch.as_tensor(train_dataset.inter_feat[train_dataset.uid_field]).long(),
                             minlength=dataset.user_num)
     uids = torch.nonzero(degree[1:] > 0)[:, 0] + 1  # users with training interactions (0 is padding)
-    fields = list(cfg_get(config, "sensitive_fields", ["gender", "age", "occupation"]))
+    fields = as_fields(cfg_get(config, "sensitive_fields", ["gender", "age", "occupation"]))
     return uids, sensitive_labels(dataset, fields, uids, bins=cfg_get(config, "sensitive_bins"))
 
 

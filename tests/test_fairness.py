@@ -292,6 +292,9 @@ def test_audit_on_noise_is_near_chance():
     a = audit(x, {"age": (age, ["<18", "18-24", "25-34"], torch.ones(x.shape[0], dtype=torch.bool))}, **AUDIT_KW)["age"]
     assert 0.55 < a["chance"] < 0.85
     assert abs(a["micro_f1"] - a["chance"]) < 0.15
+    # the majority predictor's macro-F1: 2p / (1 + p) for its class, 0 for the two others, averaged over 3 classes
+    p = a["chance"]
+    assert a["chance_macro_f1"] == pytest.approx(2 * p / (1 + p) / 3, abs=1e-9)
 
 
 def test_audit_is_deterministic_detached_and_leaves_inputs_alone():

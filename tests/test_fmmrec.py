@@ -107,7 +107,7 @@ def test_bad_sensitive_attributes(fmmrec_cfg, tiny_root, tmp_path):
     unloaded = build_run("FMMRec", "mm-tiny", no_users)
     assert unloaded[1].user_feat is None
     assert torch.equal(unloaded[5].labels, build_run("FMMRec", "mm-tiny", fmmrec_cfg)[5].labels)
-    with pytest.raises(ValueError, match="'income' is not a loaded user feature.*nor a column of the .user file"):
+    with pytest.raises(ValueError, match="'income' is not a column of mm-tiny.user"):
         build_run("FMMRec", "mm-tiny", dict(fmmrec_cfg, sensitive_fields=["gender", "income"]))
     # a single class among the users, and users without a value (counted out of the attackers' losses)
     import shutil
@@ -260,3 +260,12 @@ def test_recbole_own_entry_point_runs_the_stages(fmmrec_cfg):
                                              config_dict=dict(fmmrec_cfg, fairness_eval=False))
     assert 0.0 <= result["test_result"]["recall@20"] <= 1.0
     assert glob.glob(os.path.join(fmmrec_cfg["fmmrec_cache_dir"], "bmmf-*.pt"))
+
+
+def test_user_errors_found_by_a_new_user(fmmrec_cfg):
+    """A bare field name is one field; a field the .user file lacks is named as such (not 'no user features')."""
+    no_users = {k: v for k, v in fmmrec_cfg.items() if k != "load_col"}
+    model = build_run("FMMRec", "mm-tiny", dict(no_users, sensitive_fields="gender"))[5]
+    assert model.fields == ["gender"] and model.n_classes == {"gender": 2}
+    with pytest.raises(ValueError, match=r"'income' is not a column of mm-tiny.user"):
+        build_run("FMMRec", "mm-tiny", dict(no_users, sensitive_fields=["income"]))

@@ -150,6 +150,7 @@ def backbone_representations(model, config, train_data, valid_data, show_progres
     if os.path.isfile(spec) or spec.endswith((".pth", ".pt")):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"fmmrec_backbone checkpoint {spec!r} does not exist")
+        logger.info(f"FMMRec stage 0: the vectors of the backbone checkpoint {spec}")
         backbone = load_backbone_checkpoint(spec, config, dataset)
         return (*_representations(backbone, model.n_users, model.n_items, d, spec), {"backbone": spec, "trained": False})
     if not registry.is_model(spec):

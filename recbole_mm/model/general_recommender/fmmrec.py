@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recbole_mm.config import yaml_keys
-from recbole_mm.fairness import Attacker, sensitive_labels
+from recbole_mm.fairness import Attacker, as_fields, sensitive_labels
 from recbole_mm.layers.fair import SensitiveFilter, attacker_loss, frozen_call
 from recbole_mm.layers.graph import bipartite_counts, knn_graph, row_normalize, sym_normalize
 from recbole_mm.model import fmmrec_stages
@@ -93,7 +93,7 @@ class FMMRec(MMGeneralRecommender):
                              "it needs the text modality")
 
         # sensitive attributes of every internal user id (-1: no value)
-        self.fields = list(cfg_get(config, "sensitive_fields", ["gender", "age", "occupation"]))
+        self.fields = as_fields(cfg_get(config, "sensitive_fields", ["gender", "age", "occupation"]))
         labels = sensitive_labels(dataset, self.fields, torch.arange(self.n_users), bins=cfg_get(config, "sensitive_bins"))
         self.n_classes = {f: len(classes) for f, (_, classes, _) in labels.items()}
         self.register_buffer("labels", torch.stack([labels[f][0] for f in self.fields], 1), persistent=False)
