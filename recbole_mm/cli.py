@@ -273,6 +273,10 @@ def cmd_tune(args) -> int:
         lines += [f"## {params}", "", results_table(result_rows(res)), ""]
         if res.get("efficiency"):
             lines += [efficiency_table(res), ""]
+        for key, what in (("fairness_result", "user vectors"), ("fairness_item_aggregated_result", "item-aggregated")):
+            if res.get(key):
+                lines += [f"Fairness ({what}; attackers on held-out users, lower = less leakage)", "",
+                          fairness_table(res, key), ""]
     lines += [f"best: {tuner.params2str(tuner.best_params)} (valid score {tuner.best_score:.4f})", ""]
     with open(output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

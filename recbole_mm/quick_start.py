@@ -214,14 +214,15 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
         logger.removeHandler(hdlr)
     init_logger(config)
     logging.basicConfig(level=logging.ERROR)
-    _, train_data, valid_data, test_data, model, trainer = _build(config, None)
+    dataset, train_data, valid_data, test_data, model, trainer = _build(config, None)
+    labels = fairness_labels(config, dataset, train_data._dataset, model)  # fairness_eval: audited per trial too
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
     if _in_ray_session():
         from ray import tune
 
         tune.report(**test_result)
-    return {
+    out = {
         "model": config["model"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -229,6 +230,9 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
         "test_result": test_result,
         **trainer_extras(trainer),
     }
+    if labels is not None:
+        out.update(fairness_results(config, model, labels))
+    return out
 
 
 def load_data_and_model(model_file):

@@ -144,8 +144,10 @@ def test_cli_run_and_tune(fmmrec_cfg, tmp_path, capsys):
     assert "| gender | 2 | auc |" in out and "item-aggregated" in out
     table = tmp_path / "tune.md"
     assert cli(["tune", "--model", "FMMRec", "--dataset", "mm-tiny", "--space", "disc_reg_weight=choice([0.0, 0.1])",
-                "-o", str(table)] + overrides(dict(cfg, fairness_eval=False))) == 0
-    assert table.read_text().count("## disc_reg_weight:") == 2
+                "-o", str(table)] + overrides(cfg)) == 0
+    text = table.read_text()
+    assert text.count("## disc_reg_weight:") == 2
+    assert text.count("| gender | 2 | auc |") == 4  # each trial audited: user and item-aggregated vectors
 
 
 EVALUATE = """
