@@ -234,7 +234,33 @@ def test_a_run_killed_during_stage_1_then_rerun(fmmrec_cfg, tmp_path):
     fresh = recbole_mm.run_recbole(model="FMMRec", dataset="mm-tiny",
                                    config_dict=dict(cfg, fmmrec_cache_dir=str(tmp_path / "fresh")))
     assert _plain(rerun["test_result"]) == _plain(fresh["test_result"])
-    assert not glob.glob(os.path.join(cache, "*.tmp"))
+    assert not glob.glob(os.path.join(cache, ".*"))  # the killed build's temporary file and lock were removed
+
+
+def test_two_processes_building_the_same_stages_at_once(fmmrec_cfg, tmp_path):
+    """Two runs sharing a cache start together: each stage is built once (the other waits and reuses it), both
+    finish with the same results, nothing is left beside the stage files."""
+    # each process its own cwd, so its own log/ and saved/ folders: RecBole's ensure_dir races when two processes
+    # create the same folder at once (it checks, then makedirs without exist_ok)
+    cfg = dict(fmmrec_cfg, bmmf_epochs=10, fairness_eval=False, checkpoint_dir="saved", state="INFO")
+    env = dict(os.environ, RECBOLE_MM_THREADS="1", PYTHONPATH=ROOT)
+    code = KILLED.replace("recbole_mm.run_recbole(", "r = recbole_mm.run_recbole(") + \
+        "print(json.dumps({k: float(v) for k, v in r['test_result'].items()}))\n"
+    cwds = [tmp_path / f"run{i}" for i in range(2)]
+    for cwd in cwds:
+        cwd.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], cwd=str(cwd), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cwd in cwds]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2500:] for p, (_, err) in zip(procs, outs) if p.returncode]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1]
+    cache = cfg["fmmrec_cache_dir"]
+    assert len(glob.glob(os.path.join(cache, "backbone-*"))) == 1 and len(glob.glob(os.path.join(cache, "bmmf-*"))) == 2
+    assert not glob.glob(os.path.join(cache, ".*"))
+    logs = "".join(open(p).read() for cwd in cwds for p in glob.glob(str(cwd / "log" / "**" / "*.log"), recursive=True))
+    assert logs.count("training the LightGCN backbone") == 1 and logs.count("reusing the trained LightGCN") == 1
+    assert logs.count("stage 1 (text): training") == 1 and logs.count("stage 1 (text): reusing") == 1
 
 
 def test_attackers_step_after_every_optimizer_step_in_fit(fmmrec_cfg):

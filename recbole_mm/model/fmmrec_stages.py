@@ -13,8 +13,9 @@
 stage's output depends on: the training interactions, the labels, the input features, the stage's settings and
 the seed (stage 0: the backbone's whole effective config but for where the run writes and what it prints, the
 validation interactions and the backbone's feature files), so changing any of them writes a new file and a rerun
-with the same settings reuses the old one. Files
-are written to a temporary name and renamed, so a killed run never leaves a half-written stage behind. The stages
+with the same settings reuses the old one. Files follow the package's rules for shared files
+(:mod:`recbole_mm.atomic`, :func:`build_once`): one builder at a time (two runs sharing a cache, e.g. tuning
+trials, build a stage once), temporary name + rename, a killed build's leftovers removed by the next. The stages
 run with the random streams of the caller preserved (a run that builds a stage and one that reuses it then train
 identically).
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from logging import getLogger
 
 import torch
@@ -53,14 +53,28 @@ def cache_dir(config, dataset) -> str:
     return path
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def build_once(path: str, what: str, build) -> bool:
+    """The stage file ``path``, built by ``build(tmp)`` (which writes the temporary file ``tmp``) unless it exists,
+    under the package's rules for shared files (:mod:`recbole_mm.atomic`): one builder at a time (another process
+    waits, then reuses the file), what a killed build left is removed, the file appears complete or not at all.
+    True when this call built it."""
+    from recbole_mm.atomic import BuildLock, leftover_temps, lock_path_for, remove_leftovers, temp_path_for
+
+    if os.path.isfile(path):
+        return False
+    logger = getLogger()
+    with BuildLock(lock_path_for(path), what=what, log=logger):
+        if os.path.isfile(path):  # another process built it while this one waited
+            return False
+        remove_leftovers(leftover_temps(path), what, logger)
+        tmp = temp_path_for(path)
+        try:
+            build(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return True
 
 
 def user_set_keys(config) -> dict:
@@ -178,21 +192,16 @@ def backbone_representations(model, config, train_data, valid_data, show_progres
             "config": {k: v for k, v in cfg0.final_config_dict.items() if k not in RUN_ONLY_KEYS},
             "features": getattr(backbone, "feature_fingerprints", dict)()})
         path = os.path.join(cache_dir(config, dataset), f"backbone-{spec}-{key}.pth")
-        if os.path.isfile(path):
-            logger.info(f"FMMRec stage 0: reusing the trained {spec} backbone {path}")
-            trained = False
-        else:
+
+        def train(tmp):
             logger.info(f"FMMRec stage 0: training the {spec} backbone (cached as {path})")
             trainer = get_trainer(cfg0["MODEL_TYPE"], type(backbone))(cfg0, backbone)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            trainer.saved_model_file = tmp
-            try:
-                trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=show_progress)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            trained = True
+            trainer.saved_model_file = tmp  # RecBole saves the best epoch there
+            trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=show_progress)
+
+        trained = build_once(path, f"FMMRec backbone {path}", train)
+        if not trained:
+            logger.info(f"FMMRec stage 0: reusing the trained {spec} backbone {path}")
     if generator_state is not None:  # the backbone's epochs must not change FMMRec's own batch order
         train_data.generator.set_state(generator_state)
     backbone = load_backbone_checkpoint(path, config, dataset)
@@ -213,24 +222,26 @@ def disentangled_features(model, config, dataset, features: dict, user_feats: di
                       "labels": {f: tensor_digest(y) for f, y in labels.items()}, "settings": settings,
                       "batch_size": batch_size, "seed": seed})
         path = os.path.join(cache_dir(config, dataset), f"bmmf-{m}-{key}.pt")
-        if os.path.isfile(path):
+
+        def train(tmp, m=m, feats=feats):
+            logger.info(f"FMMRec stage 1 ({m}): training the biased / filtered transforms (cached as {path})")
+            with preserved_rng():
+                torch.manual_seed(seed)
+                module = ModalDisentangler(feats.shape[1], model.n_classes, separation=settings["bmmf_separation_weight"])
+                progress = (lambda e, loss: logger.info(f"  BMMF {m} epoch {e}: loss {loss:.4f}")) if show_progress \
+                    else None
+                history = train_disentangler(
+                    module, user_feats[m], batch_users, labels, epochs=int(settings["bmmf_epochs"]),
+                    batch_size=batch_size, lr=float(settings["bmmf_learning_rate"]),
+                    d_steps=int(settings["bmmf_d_steps"]), w_biased=float(settings["bmmf_biased_weight"]),
+                    w_filtered=float(settings["bmmf_filtered_weight"]), seed=seed, progress=progress)
+                module.eval()
+                with torch.no_grad():
+                    torch.save({"biased": module.biased(feats), "filtered": module.filtered(feats), "history": history},
+                               tmp)
+
+        if not build_once(path, f"FMMRec stage 1 ({m}) {path}", train):
             logger.info(f"FMMRec stage 1 ({m}): reusing {path}")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            out[m] = (saved["biased"], saved["filtered"])
-            continue
-        logger.info(f"FMMRec stage 1 ({m}): training the biased / filtered transforms (cached as {path})")
-        with preserved_rng():
-            torch.manual_seed(seed)
-            module = ModalDisentangler(feats.shape[1], model.n_classes, separation=settings["bmmf_separation_weight"])
-            progress = (lambda e, loss: logger.info(f"  BMMF {m} epoch {e}: loss {loss:.4f}")) if show_progress else None
-            history = train_disentangler(
-                module, user_feats[m], batch_users, labels, epochs=int(settings["bmmf_epochs"]), batch_size=batch_size,
-                lr=float(settings["bmmf_learning_rate"]), d_steps=int(settings["bmmf_d_steps"]),
-                w_biased=float(settings["bmmf_biased_weight"]), w_filtered=float(settings["bmmf_filtered_weight"]),
-                seed=seed, progress=progress)
-            module.eval()
-            with torch.no_grad():
-                biased, filtered = module.biased(feats), module.filtered(feats)
-        _atomic_save({"biased": biased, "filtered": filtered, "history": history}, path)
-        out[m] = (biased, filtered)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        out[m] = (saved["biased"], saved["filtered"])
     return out
