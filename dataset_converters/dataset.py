@@ -81,18 +81,21 @@ def write_dataset(build: DatasetBuild, out_root: str, prov: Provenance, images: 
         _write(build, out_root, prov, images, overwrite)
     finally:
         prov.close()
+        close = getattr(build.inter, "close", None)  # the out-of-core set's database and work folder
+        if close is not None:
+            close()
     return os.path.join(os.path.abspath(out_root), build.name)
 
 
 def _write(build: DatasetBuild, out_root: str, prov: Provenance, images: str, overwrite: bool) -> None:
     name = build.name
     with output.AtomicDir(out_root, name, overwrite) as tmp:
-        output.write_table_columnar(os.path.join(tmp, f"{name}.inter"), _inter_header(build.inter), build.inter.table())
+        output.write_table_columnar(os.path.join(tmp, f"{name}.inter"), _inter_header(build.inter),
+                                    build.inter.batches())
         prov.count("interactions", "written", len(build.inter))
-        users = build.inter.user_tokens()
-        prov.count("users", "written", len(users))
+        prov.count("users", "written", build.inter.n_users())
         for split, part in build.splits.items():
-            output.write_table_columnar(os.path.join(tmp, f"{name}.{split}.inter"), _inter_header(part), part.table())
+            output.write_table_columnar(os.path.join(tmp, f"{name}.{split}.inter"), _inter_header(part), part.batches())
             prov.count("interactions", f"written_{split}", len(part))
         item_tokens = build.inter.item_tokens()
         seen = set(item_tokens)
@@ -101,7 +104,7 @@ def _write(build: DatasetBuild, out_root: str, prov: Provenance, images: str, ov
         prov.count("items", "written", n_items)
         if build.users is not None:
             empty = [""] * len(build.users.fields)
-            rows = ([u] + build.users.rows.get(u, empty) for u in users)
+            rows = ([u] + build.users.rows.get(u, empty) for u in build.inter.user_tokens())
             output.write_rows(os.path.join(tmp, f"{name}.user"), build.users.header("user_id"), rows)
         export_images(item_tokens, build.cover_dir, tmp, images, prov)
         for writer in build.extra_writers:

@@ -91,6 +91,22 @@ def read_string_table(
         table = read(False)  # single-threaded: line numbers known, examples in file order
         prov.drop(section, f"malformed line (expected {len(names)} fields)", n_bad, examples)
     prov.count(section, "lines_read", table.num_rows + len(invalid))
+    return combine_chunks(table)
+
+
+# Arrow's ``string`` arrays hold at most 2 GiB of characters (32-bit offsets). A column read in several blocks is
+# below it block by block but not once concatenated; such a column becomes ``large_string`` (64-bit offsets) first.
+STRING_LIMIT = (1 << 31) - 1
+
+
+def combine_chunks(table: pa.Table) -> pa.Table:
+    """``table.combine_chunks()``, with string columns whose characters exceed :data:`STRING_LIMIT` made
+    ``large_string`` so that the concatenation cannot overflow."""
+    for k, col in enumerate(table.columns):
+        if col.type == pa.string():
+            chars = sum(c.buffers()[2].size if c.buffers()[2] is not None else 0 for c in col.chunks)
+            if chars > STRING_LIMIT:
+                table = table.set_column(k, table.field(k).with_type(pa.large_string()), pc.cast(col, pa.large_string()))
     return table.combine_chunks()
 
 
@@ -314,6 +330,13 @@ class InteractionSet:
         for name, arr in self.extra.items():
             cols[name] = pc.take(arr, pa.array(self.sel))
         return pa.table(cols)
+
+    def batches(self) -> list[pa.Table]:
+        """The output rows in pieces (one here; the out-of-core set streams record batches)."""
+        return [self.table()]
+
+    def n_users(self) -> int:
+        return len(np.unique(self.user.codes[self.sel]))
 
     def item_tokens(self) -> list[str]:
         """Item tokens of the selected rows, in order of first appearance in the output."""

@@ -29,7 +29,6 @@ from dataset_converters.dataset import DatasetBuild, FieldTable, write_dataset
 from dataset_converters.dataset_yaml import YamlSpec
 from dataset_converters.errors import ConversionError
 from dataset_converters.files import find, find_one, is_number, require_file
-from dataset_converters.interactions import build, read_sequences
 from dataset_converters.provenance import MAX_EXAMPLES, Provenance
 from dataset_converters.text import DecodedFile, clean_text
 
@@ -205,13 +204,12 @@ def convert(args: argparse.Namespace) -> str:
         path = require_file(csv_path or os.path.join(root, f"{prefix}_pairs.csv"), "interactions (user,item,timestamp csv)")
         prov.add_input(path, "interactions")
         inter = common.read_pairs(path, prov, PAIR_ALIASES, ("user", "item", "timestamp"),
-                                  "user,item,timestamp (header optional)")
+                                  "user,item,timestamp (header optional)", engine=common.engine_from_args(args, path))
         time_unit = "milliseconds since the Unix epoch, as in the MicroLens pairs.csv"
     else:
         path = require_file(tsv_path or os.path.join(root, f"{prefix}_pairs.tsv"), "interactions (user<TAB>items tsv)")
         prov.add_input(path, "interactions")
-        users, items, positions = read_sequences(path, prov)
-        inter = build(users, items, positions, prov, positional=True)
+        inter = common.read_sequences(path, prov, engine=common.engine_from_args(args, path))
         prov.detect(f"{prov.rel(path)}: sequences without time; timestamp = 0-based position in the user's sequence")
         time_unit = "0-based position of the item in the user's sequence (the .tsv has no time)"
 

@@ -30,7 +30,7 @@ from dataset_converters.dataset import DatasetBuild, FieldTable, write_dataset
 from dataset_converters.dataset_yaml import YamlSpec
 from dataset_converters.errors import ConversionError
 from dataset_converters.files import find_one, head_line
-from dataset_converters.interactions import SECTION, build, read_sequences, read_string_table
+from dataset_converters.interactions import SECTION, build, read_string_table
 from dataset_converters.provenance import MAX_EXAMPLES, Provenance
 from dataset_converters.text import DecodedFile, clean_text
 
@@ -54,8 +54,45 @@ def _looks_like_id(text: str) -> bool:
     return len(text) > 1 and text[0] in (USER_PREFIX, ITEM_PREFIX) and text[1:].isdigit()
 
 
-def read_pair_csv(path: str, prov: Provenance):
-    """Read ``<D>_pair.csv``, detecting header, separator spaces and the column order from the id prefixes."""
+PAIR_COLUMNS = ["c0", "c1", "c2"]
+PADDED = r"^\s|\s$"
+PREFIX_REASON = "id without the expected u / v prefix"
+
+
+def _prefix_counts(col) -> tuple[int, int]:
+    return (pc.sum(pc.starts_with(col, USER_PREFIX)).as_py() or 0), (pc.sum(pc.starts_with(col, ITEM_PREFIX)).as_py() or 0)
+
+
+def _column_order(path: str, rel: str, counts: dict, n_rows: int, prov: Provenance) -> tuple[str, str, str]:
+    """``(user, item, timestamp)`` column names from the per-column counts of ``u`` / ``v`` prefixed values."""
+    n = max(n_rows, 1)
+    share = {c: (u / n, v / n) for c, (u, v) in counts.items()}
+    user_col = max(share, key=lambda c: share[c][0])
+    item_col = max(share, key=lambda c: share[c][1])
+    if share[user_col][0] < 0.5 or share[item_col][1] < 0.5 or user_col == item_col:
+        raise ConversionError(
+            f"cannot detect the column order of {path}: expected one column of '{USER_PREFIX}...' user ids and one "
+            f"of '{ITEM_PREFIX}...' item ids (shares per column: "
+            + ", ".join(f"{c}: u {s[0]:.0%} v {s[1]:.0%}" for c, s in share.items()) + ")"
+        )
+    ts_col = next(c for c in counts if c not in (user_col, item_col))
+    order = {user_col: "user", item_col: "item", ts_col: "timestamp"}
+    detected = ",".join(order[c] for c in counts)
+    prov.detect(f"NineRec {rel} column order detected as {detected} from the id prefixes "
+                f"(README says user,item,timestamp; official get_behaviour.py reads item,user,timestamp)")
+    prov.count(SECTION, "column_order", detected)
+    return user_col, item_col, ts_col
+
+
+def _padded_note(rel: str) -> str:
+    return f"{rel}: values padded with spaces (e.g. ', ' separators as in the README); spaces removed"
+
+
+def read_pair_csv(path: str, prov: Provenance, engine=None):
+    """Read ``<D>_pair.csv``, detecting header, separator spaces and the column order from the id prefixes.
+
+    An out-of-core ``engine`` streams the file twice (detection, then DuckDB) instead of holding it in memory.
+    """
     rel = prov.rel(path)
     line, _ = head_line(path)
     fields = line.split(",")
@@ -66,42 +103,75 @@ def read_pair_csv(path: str, prov: Provenance):
     if not any(_looks_like_id(f) for f in fields):
         skip = 1
         prov.detect(f"{rel}: header line {line[:60]!r} skipped")
-    table = read_string_table(path, ["c0", "c1", "c2"], prov, skip_rows=skip)
-    if any(pc.any(pc.match_substring_regex(table[c], r"^\s|\s$")).as_py() for c in table.column_names):
-        prov.detect(f"{rel}: values padded with spaces (e.g. ', ' separators as in the README); spaces removed")
+    if engine is not None and engine.out_of_core:
+        return _read_pair_csv_out_of_core(path, rel, skip, prov, engine)
+    table = read_string_table(path, PAIR_COLUMNS, prov, skip_rows=skip)
+    if any(pc.any(pc.match_substring_regex(table[c], PADDED)).as_py() for c in table.column_names):
+        prov.detect(_padded_note(rel))
         table = pa.table({c: pc.utf8_trim_whitespace(table[c]) for c in table.column_names})
-    share = {}
-    for c in table.column_names:
-        col = table[c]
-        n = max(len(col), 1)
-        share[c] = (pc.sum(pc.starts_with(col, USER_PREFIX)).as_py() or 0) / n, \
-                   (pc.sum(pc.starts_with(col, ITEM_PREFIX)).as_py() or 0) / n
-    user_col = max(share, key=lambda c: share[c][0])
-    item_col = max(share, key=lambda c: share[c][1])
-    if share[user_col][0] < 0.5 or share[item_col][1] < 0.5 or user_col == item_col:
-        raise ConversionError(
-            f"cannot detect the column order of {path}: expected one column of '{USER_PREFIX}...' user ids and one "
-            f"of '{ITEM_PREFIX}...' item ids (shares per column: "
-            + ", ".join(f"{c}: u {s[0]:.0%} v {s[1]:.0%}" for c, s in share.items()) + ")"
-        )
-    ts_col = next(c for c in table.column_names if c not in (user_col, item_col))
-    order = {user_col: "user", item_col: "item", ts_col: "timestamp"}
-    detected = ",".join(order[c] for c in table.column_names)
-    prov.detect(f"NineRec {rel} column order detected as {detected} from the id prefixes "
-                f"(README says user,item,timestamp; official get_behaviour.py reads item,user,timestamp)")
-    prov.count(SECTION, "column_order", detected)
+    counts = {c: _prefix_counts(table[c]) for c in table.column_names}
+    user_col, item_col, ts_col = _column_order(path, rel, counts, table.num_rows, prov)
     user, item = table[user_col], table[item_col]
     bad = ~(pc.starts_with(user, USER_PREFIX).to_numpy(zero_copy_only=False)
             & pc.starts_with(item, ITEM_PREFIX).to_numpy(zero_copy_only=False))
     if bad.any():
         rows = np.flatnonzero(bad)
-        prov.drop(SECTION, "id without the expected u / v prefix", len(rows),
+        prov.drop(SECTION, PREFIX_REASON, len(rows),
                   [f"row {r + 1}: {user[int(r)].as_py()!r}, {item[int(r)].as_py()!r}" for r in rows[:MAX_EXAMPLES]])
         keep = pa.array(~bad)
         user, item, ts = pc.filter(user, keep), pc.filter(item, keep), pc.filter(table[ts_col], keep)
     else:
         ts = table[ts_col]
     return build(user, item, ts, prov)
+
+
+def _read_pair_csv_out_of_core(path: str, rel: str, skip: int, prov: Provenance, engine):
+    """:func:`read_pair_csv` on DuckDB: a first streamed pass detects the padding and the column order, the
+    second stages the rows (trimmed, prefix-checked) as :func:`dataset_converters.outofcore.read_pairs` does."""
+    from dataset_converters import outofcore
+
+    padded = [False]
+    counts = {c: [0, 0, 0, 0] for c in PAIR_COLUMNS}  # u, v prefixes as read, then trimmed
+
+    def visit(batch) -> None:
+        for c in PAIR_COLUMNS:
+            col = batch.column(c)
+            if not padded[0] and pc.any(pc.match_substring_regex(col, PADDED)).as_py():
+                padded[0] = True
+            raw, trimmed = _prefix_counts(col), _prefix_counts(pc.utf8_trim_whitespace(col))
+            counts[c] = [counts[c][0] + raw[0], counts[c][1] + raw[1], counts[c][2] + trimmed[0],
+                         counts[c][3] + trimmed[1]]
+
+    n_rows, n_bad, examples = outofcore.scan_csv(path, PAIR_COLUMNS, ",", skip, visit)
+    if n_bad:  # recorded as read_string_table does
+        prov.drop(SECTION, f"malformed line (expected {len(PAIR_COLUMNS)} fields)", n_bad, examples)
+    prov.count(SECTION, "lines_read", n_rows + n_bad)
+    if padded[0]:
+        prov.detect(_padded_note(rel))
+    k = 2 if padded[0] else 0
+    user_col, item_col, ts_col = _column_order(path, rel, {c: tuple(v[k:k + 2]) for c, v in counts.items()},
+                                               n_rows, prov)
+
+    class PairColumns(outofcore.Columns):
+        reason = PREFIX_REASON
+
+        def __call__(self, batch, row0):
+            cols = {c: batch.column(c) for c in PAIR_COLUMNS}
+            if padded[0]:
+                cols = {c: pc.utf8_trim_whitespace(v) for c, v in cols.items()}
+            user, item = cols[user_col], cols[item_col]
+            bad = ~(pc.starts_with(user, USER_PREFIX).to_numpy(zero_copy_only=False)
+                    & pc.starts_with(item, ITEM_PREFIX).to_numpy(zero_copy_only=False))
+            if not bad.any():
+                return user, item, cols[ts_col], None
+            rows = np.flatnonzero(bad)
+            self.dropped += len(rows)
+            for r in rows[: max(MAX_EXAMPLES - len(self.examples), 0)]:
+                self.examples.append(f"row {row0 + r + 1}: {user[int(r)].as_py()!r}, {item[int(r)].as_py()!r}")
+            return user, item, cols[ts_col], ~bad
+
+    return outofcore.read_pairs(path, PAIR_COLUMNS, prov, engine, delimiter=",", skip_rows=skip,
+                                columns=PairColumns(), record_read=False)
 
 
 def read_items(path: str, prov: Provenance) -> dict[str, list[str]]:
@@ -159,7 +229,7 @@ def convert(args: argparse.Namespace) -> str:
         if pair is None:
             raise ConversionError(f"missing required interactions: expected a file named {domain}_pair.csv in {root}")
         prov.add_input(pair, "interactions")
-        inter = read_pair_csv(pair, prov)
+        inter = read_pair_csv(pair, prov, engine=common.engine_from_args(args, pair))
         time_unit = f"as in {domain}_pair.csv (unit not documented by NineRec; kept as is)"
     else:
         if behaviour is None:
@@ -168,8 +238,7 @@ def convert(args: argparse.Namespace) -> str:
                 f"in {root}"
             )
         prov.add_input(behaviour, "interactions")
-        users, items, positions = read_sequences(behaviour, prov)
-        inter = build(users, items, positions, prov, positional=True)
+        inter = common.read_sequences(behaviour, prov, engine=common.engine_from_args(args, behaviour))
         prov.detect(f"{prov.rel(behaviour)}: no timestamps (NineRec ships only behaviour.tsv for QB and TN); "
                     "timestamp = 0-based position in the user's sequence")
         time_unit = "0-based position of the item in the user's sequence (behaviour.tsv has no time)"

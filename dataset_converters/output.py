@@ -53,16 +53,19 @@ class AtomicDir:
         return self.build.__exit__(exc_type, exc, tb)
 
 
-def write_table_columnar(path: str, header: Sequence[str], table: pa.Table) -> None:
-    """Write ``table`` (columns in ``header`` order) with the atomic header line, via pyarrow's csv writer."""
+def write_table_columnar(path: str, header: Sequence[str], table) -> None:
+    """Write ``table`` (columns in ``header`` order) with the atomic header line, via pyarrow's csv writer.
+
+    ``table`` is a ``pa.Table`` or an iterable of tables / record batches written one after the other (the
+    out-of-core path streams its sorted rows this way).
+    """
+    pieces = [table] if isinstance(table, (pa.Table, pa.RecordBatch)) else table
+    options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none", batch_size=1 << 16)
     with open(path, "wb") as f:
         f.write(("\t".join(header) + "\n").encode("utf-8"))
-        if table.num_rows:
-            pcsv.write_csv(
-                table,
-                f,
-                pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none", batch_size=1 << 16),
-            )
+        for piece in pieces:
+            if piece.num_rows:
+                pcsv.write_csv(piece, f, options)
 
 
 def write_rows(path: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> int:

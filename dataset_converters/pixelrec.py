@@ -125,7 +125,7 @@ def convert(args: argparse.Namespace) -> str:
     prov = Provenance(NAME, name, root, {"variant": args.variant, "images": args.images, **common.protocol_options(args)})
     prov.add_input(inter_path, "interactions")
     inter = common.read_pairs(inter_path, prov, INTER_ALIASES, ("item", "user", "timestamp"),
-                              "item_id,user_id,timestamp")
+                              "item_id,user_id,timestamp", engine=common.engine_from_args(args, inter_path))
     fields, item_rows = read_items(item_path, prov)
     inter.drop_unknown_items(set(item_rows), prov, drop=args.unknown_items == "drop")
     common.protocol_from_args(args).apply(inter, prov)
