@@ -108,12 +108,35 @@ def join_text_fields(table: pd.DataFrame, fields: Sequence[str]) -> pd.Series:
 
 def catalogue_tokens(dataset_dir: str, name: str, item_field: str = "item_id", benchmark=None) -> list:
     """Every item token of a dataset folder, sorted: ``.item`` rows, ``.inter`` items and the items of the
-    benchmark split files (``<name>.<suffix>.inter``). Independent of RecBole's filtering and id order."""
+    benchmark split files (``<name>.<suffix>.inter``). Independent of RecBole's filtering and id order.
+
+    The item tokens of each ``.inter`` file are kept beside it in ``dataset_cache/<file>.items.json``, valid
+    while the file keeps its size and mtime: only the first call after a conversion reads the whole ``.inter``
+    (158M rows for PixelRec), later ones read ``.item`` and that small list (nothing is kept when the folder is
+    read-only)."""
+    from recbole_mm.atomic import atomic_write_json, read_json
+
+    def inter_items(path: str) -> list:
+        st = os.stat(path)
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "field": item_field}
+        sidecar = os.path.join(os.path.dirname(path), "dataset_cache", os.path.basename(path) + ".items.json")
+        cached = read_json(sidecar)
+        if isinstance(cached, dict) and cached.get("stamp") == stamp:
+            return cached["tokens"]
+        found = sorted(set(read_atomic(path, [item_field], id_columns=[item_field])[item_field].tolist()))
+        try:
+            atomic_write_json(sidecar, {"stamp": stamp, "tokens": found})
+        except OSError:
+            pass
+        return found
+
     tokens: set = set()
     paths = [os.path.join(dataset_dir, f"{name}.item"), os.path.join(dataset_dir, f"{name}.inter")]
     paths += [os.path.join(dataset_dir, f"{name}.{suffix}.inter") for suffix in (benchmark or [])]
     for path in paths:
-        if os.path.isfile(path):
+        if os.path.isfile(path) and path.endswith(".inter"):
+            tokens.update(inter_items(path))
+        elif os.path.isfile(path):
             tokens.update(read_atomic(path, [item_field], id_columns=[item_field])[item_field].tolist())
     if not tokens:
         raise FileNotFoundError(f"no item tokens in {dataset_dir}: none of {[os.path.basename(p) for p in paths]} exists")

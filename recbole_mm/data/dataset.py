@@ -21,7 +21,10 @@ What they add to RecBole's classes (nothing else changes):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import torch
 from recbole.data.dataset import Dataset, SequentialDataset
 
 
@@ -82,6 +85,48 @@ class MMDatasetMixin:
         self._reset_index()
         self.logger.info(f"keep_last_n={n}: kept {len(self.inter_feat)} of {before} interactions")
 
+    def _load_feat(self, filepath, source):
+        """RecBole's loader, with pandas' C parser for the ``.inter`` file: RecBole asks for the Python parser
+        (~20 s per million rows on this machine: about an hour for PixelRec's 158M). Same DataFrame: floats are
+        parsed as Python's ``float`` parses them (``float_precision='round_trip'``); ``.item`` / ``.user`` files
+        (free text) keep RecBole's parser."""
+        from recbole.utils import FeatureSource
+
+        if source != FeatureSource.INTERACTION or len(self.config["field_separator"] or "") != 1:
+            return super()._load_feat(filepath, source)
+        import recbole.data.dataset.dataset as recbole_dataset
+
+        real = recbole_dataset.pd
+        recbole_dataset.pd = _CParserPandas(real)
+        try:
+            return super()._load_feat(filepath, source)
+        finally:
+            recbole_dataset.pd = real
+
+    def _dataframe_to_interaction(self, data):
+        """RecBole's conversion, without a second copy of plain token / float columns: ``torch.from_numpy`` of the
+        int64 / float32 values RecBole's ``LongTensor`` / ``FloatTensor`` make (sharing an int64 column's memory
+        with the DataFrame this replaces). Other columns go through RecBole's code."""
+        from recbole.data.interaction import Interaction
+        from recbole.utils import FeatureType
+
+        numerical = set(self.config["numerical_features"] or [])
+        fast, rest = {}, []
+        for k in data:
+            ftype, values = self.field2type[k], data[k].values
+            dtype = {FeatureType.TOKEN: np.int64, FeatureType.FLOAT: np.float32}.get(ftype)
+            if dtype is None or k in numerical or not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
+                rest.append(k)
+                continue
+            arr = np.ascontiguousarray(values, dtype=dtype)
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            fast[k] = torch.from_numpy(arr)
+        if not rest:
+            return Interaction(fast)
+        slow = super()._dataframe_to_interaction(data[rest]).interaction
+        return Interaction({k: fast[k] if k in fast else slow[k] for k in data})
+
     @property
     def item_content(self):
         """:class:`~recbole_mm.data.content.ItemContent` of this dataset (built once, not pickled)."""
@@ -105,22 +150,50 @@ class MMDatasetMixin:
         return nxt
 
 
+class _CParserPandas:
+    """``pandas`` as RecBole's dataset module sees it while it reads a ``.inter`` file: ``read_csv`` with the C
+    parser (see :meth:`MMDatasetMixin._load_feat`)."""
+
+    def __init__(self, pandas):
+        self._pandas = pandas
+
+    def __getattr__(self, name):
+        return getattr(self._pandas, name)
+
+    def read_csv(self, *args, **kwargs):
+        kwargs["engine"] = "c"
+        kwargs.setdefault("float_precision", "round_trip")
+        return self._pandas.read_csv(*args, **kwargs)
+
+
 class MMDataset(MMDatasetMixin, Dataset):
     """RecBole ``Dataset`` with item content (general / context models)."""
 
 
 class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
-    """RecBole ``SequentialDataset`` with item content, training counts and all-position windows."""
+    """RecBole ``SequentialDataset`` with item content, training counts and all-position windows.
+
+    ``build()`` makes RecBole's sequence fields and splits with array operations and keeps them in a memory-mapped
+    cache shared by every process (:mod:`recbole_mm.data.sequence_build`; ``dataset_cache``,
+    ``dataset_cache_dir``): same rows, order, values and dtypes as RecBole's. After ``build()`` this dataset's
+    own ``inter_feat`` holds the same rows as RecBole's in split order (train, valid, test) rather than time
+    order. Splits the cache does not reproduce (``TS``, benchmark files) run RecBole's code, with the vectorised
+    :meth:`data_augmentation`.
+    """
 
     def build(self):
-        datasets = super().build()
-        train = datasets[0]
-        counts = _count_training_items(train)
-        keys = training_user_item_keys(train)
+        cached = self._build_from_cache()
         mode = seq_mode_of(self.config)
-        if mode == "all_position" and _check_all_position(self.config):
-            train = train.copy(train.inter_feat[_window_ends(train)])
-            datasets = [train] + list(datasets[1:])
+        if cached is not None:
+            datasets, counts, keys = cached
+        else:
+            datasets = super().build()
+            train = datasets[0]
+            counts = _count_training_items(train)
+            keys = training_user_item_keys(train)
+            if mode == "all_position" and _check_all_position(self.config):
+                train = train.copy(train.inter_feat[_window_ends(train)])
+                datasets = [train] + list(datasets[1:])
         for d in datasets:
             d.train_item_counts = counts
             d.train_user_item_keys = keys
@@ -128,6 +201,75 @@ class MMSequentialDataset(MMDatasetMixin, SequentialDataset):
         _attach_history(datasets, keys)
         self._check_new_items_untrained(counts)
         return datasets
+
+    def data_augmentation(self):
+        """RecBole's ``data_augmentation`` (same Interaction: rows, order, fields, dtypes) without its per-row loop."""
+        from recbole.data.interaction import Interaction
+
+        from recbole_mm.data.sequence_build import augmentation_plan, gather_lists
+
+        self._aug_presets()
+        self._check_field("uid_field", "time_field")
+        if self.time_field not in self.inter_feat:
+            return super().data_augmentation()  # RecBole's own error
+        max_len = self.config["MAX_ITEM_LIST_LENGTH"]
+        columns = {k: self.inter_feat[k].numpy() for k in self.inter_feat}
+        order, targets, starts, lengths = augmentation_plan(columns[self.uid_field], columns[self.time_field], max_len)
+        base = order[targets]
+        new = {k: torch.from_numpy(v[base]) for k, v in columns.items()}
+        new[self.item_list_length_field] = torch.from_numpy(lengths)
+        for k, v in columns.items():
+            if k != self.uid_field:
+                lists = gather_lists(v[order], starts, lengths, max_len)
+                new[getattr(self, f"{k}_list_field")] = torch.from_numpy(lists)
+        self.inter_feat = Interaction(new)
+
+    def _build_from_cache(self):
+        """``(splits, train_item_counts, train_user_item_keys)`` from the dataset cache (built on first use), or
+        ``None`` when the cache is off or does not apply (RecBole's ``build()`` then runs)."""
+        import pandas as pd
+        from recbole.data.interaction import Interaction
+
+        from recbole_mm.data import sequence_build as sb
+
+        config = self.config
+        if config["dataset_cache"] is False or self.benchmark_filename_list is not None:
+            return None
+        eval_args = config["eval_args"]
+        if eval_args["order"] != "TO" or not sb.supported_split(eval_args["split"], eval_args["group_by"]):
+            return None
+        if not isinstance(self.inter_feat, pd.DataFrame) or self.uid_field is None or self.time_field is None:
+            return None
+        if self.uid_field not in self.inter_feat or self.time_field not in self.inter_feat:
+            return None
+        windows = seq_mode_of(config) == "all_position" and _check_all_position(config)
+        Dataset._change_feat_format(self)  # base fields to tensors; the augmentation comes from the cache
+        self._aug_presets()
+        columns = {k: self.inter_feat[k].numpy() for k in self.inter_feat}
+        list_fields = {k: getattr(self, f"{k}_list_field") for k in columns if k != self.uid_field}
+        max_len = int(config["MAX_ITEM_LIST_LENGTH"])
+        build_kwargs = dict(uid=self.uid_field, iid=self.iid_field, time=self.time_field, max_len=max_len,
+                            list_fields=list_fields, length_field=self.item_list_length_field,
+                            split_args=eval_args["split"], group_by=eval_args["group_by"], windows=windows,
+                            item_num=int(self.item_num))
+        settings = {k: v for k, v in build_kwargs.items()}
+        key = sb.cache_key(columns, settings, sb.file_fingerprints(self.dataset_path, self.dataset_name))
+        root = config["dataset_cache_dir"] or os.path.join(self.dataset_path, "dataset_cache")
+        folder, meta, built = sb.load_or_build(root, key, dict(build_kwargs, columns=columns), log=self.logger)
+        del columns
+        self.dataset_cache_folder, self.dataset_cache_built = folder, built
+        self.logger.info(f"dataset cache {'built' if built else 'reused'}: {folder}")
+
+        self.inter_feat = Interaction({f: torch.from_numpy(sb.load_array(os.path.join(folder, f + ".npy")))
+                                       for f in meta["fields"]})
+        self._drop_unused_col()
+        bounds = np.cumsum([0] + [meta["blocks"][b] for b in sb.BLOCKS])
+        full = self.inter_feat.interaction
+        splits = [self.copy(Interaction({k: v[bounds[i]:bounds[i + 1]] for k, v in full.items()}))
+                  for i in range(3)]
+        counts = np.load(os.path.join(folder, "train_item_counts.npy"))
+        keys = sb.load_array(os.path.join(folder, "train_user_item_keys.npy"))
+        return splits, counts, keys
 
     def _check_new_items_untrained(self, counts: np.ndarray) -> None:
         tokens = getattr(self, "new_item_tokens", None)
@@ -143,6 +285,7 @@ def _attach_history(datasets, train_keys: np.ndarray) -> None:
     """``history_index`` of the evaluation splits (:mod:`recbole_mm.data.protocol`): valid = the training items,
     test = the training items and the valid target."""
     from recbole_mm.data.protocol import HistoryIndex, interaction_keys
+    from recbole_mm.data.sequence_build import sorted_unique
 
     if len(datasets) < 2:
         return
@@ -151,7 +294,7 @@ def _attach_history(datasets, train_keys: np.ndarray) -> None:
     for d in datasets[1:]:
         d.history_index = HistoryIndex(known, train.item_num, train.user_num)
         targets = interaction_keys(d.inter_feat[d.uid_field].numpy(), d.inter_feat[d.iid_field].numpy(), train.item_num)
-        known = np.union1d(known, targets)
+        known = sorted_unique(np.concatenate([known, targets]))  # np.union1d, by a sort (see sorted_unique)
 
 
 DEFAULT_SEQ_MODE = "prefix"
@@ -186,6 +329,8 @@ def _count_training_items(train) -> np.ndarray:
 
 def training_user_item_keys(train) -> np.ndarray:
     """Sorted unique ``user * item_num + item`` of every training interaction (targets and first items)."""
+    from recbole_mm.data.sequence_build import sorted_unique
+
     uid, iid = train.uid_field, train.iid_field
     users = train.inter_feat[uid].numpy()
     targets = train.inter_feat[iid].numpy()
@@ -193,23 +338,16 @@ def training_user_item_keys(train) -> np.ndarray:
     first = train.inter_feat[train.item_list_length_field].numpy() == 1
     all_users = np.concatenate([users, users[first]]).astype(np.int64)
     all_items = np.concatenate([targets, seq[first, 0]]).astype(np.int64)
-    return np.unique(all_users * train.item_num + all_items)
+    return sorted_unique(all_users * train.item_num + all_items)
 
 
 def _window_ends(train) -> np.ndarray:
     """Boolean row mask: the prefix examples that end a window of L + 1 items (counted from each user's end)."""
-    import pandas as pd
+    from recbole_mm.data.sequence_build import window_end_mask
 
     users = train.inter_feat[train.uid_field].numpy()
-    if train.time_field in train.inter_feat:
-        times = train.inter_feat[train.time_field].numpy()
-        order = np.lexsort((np.arange(len(users)), times, users))
-    else:
-        order = np.arange(len(users))
-    ranks = pd.Series(users[order]).groupby(users[order]).cumcount(ascending=False).to_numpy()
-    keep = np.zeros(len(users), dtype=bool)
-    keep[order] = ranks % train.max_item_list_len == 0
-    return keep
+    times = train.inter_feat[train.time_field].numpy() if train.time_field in train.inter_feat else None
+    return window_end_mask(users, times, train.max_item_list_len)
 
 
 def train_item_counts(dataset) -> np.ndarray:

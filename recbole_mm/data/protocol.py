@@ -25,12 +25,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from recbole_mm.data.sequence_build import sorted_unique
+
 
 class HistoryIndex:
     """Items each user had before an evaluation target, from sorted ``user * n_items + item`` keys."""
 
     def __init__(self, keys: np.ndarray, n_items: int, n_users: int):
-        keys = np.unique(np.asarray(keys, dtype=np.int64))
+        keys = sorted_unique(np.asarray(keys, dtype=np.int64))  # np.unique: ~100x slower on numpy 2.4
         self.n_items = int(n_items)
         users = keys // self.n_items
         self.indptr = torch.as_tensor(np.searchsorted(users, np.arange(int(n_users) + 1)), dtype=torch.int64)
@@ -100,7 +102,7 @@ def hold_out_new_items(df, uid_field: str, iid_field: str, time_field: str, rati
     """
     import pandas as pd
 
-    items = np.unique(df[iid_field].to_numpy())
+    items = sorted_unique(df[iid_field].to_numpy())
     rng = np.random.default_rng(int(seed))
     n_new = int(round(float(ratio) * len(items)))
     new = np.sort(rng.choice(items, size=n_new, replace=False)) if n_new else items[:0]
