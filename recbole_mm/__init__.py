@@ -4,6 +4,8 @@ Public API::
 
     import recbole_mm
     recbole_mm.run_recbole(model="MoRec", dataset="ml-100k-mm", config_dict={...})
+    recbole_mm.run(model="MoRec", dataset="ml-100k-mm", nproc=2)   # torch.distributed (gloo on CPU, NCCL on GPUs)
+    recbole_mm.ray_tune(model="MoRec", dataset=..., params_dict=...)  # Ray Tune trials side by side
     recbole_mm.objective_function        # for recbole.trainer.HyperTuning
     recbole_mm.load_data_and_model(path)
     recbole_mm.evaluate_checkpoint(path)  # evaluate a saved run again, with its protocol (cold / new / branches)
@@ -45,11 +47,13 @@ __all__ = [
     "list_models",
     "load_data_and_model",
     "objective_function",
+    "ray_tune",
     "register_model",
+    "run",
     "run_recbole",
 ]
 
-_LAZY = ("Config", "evaluate_checkpoint", "load_data_and_model", "objective_function", "run_recbole")
+_LAZY = ("Config", "evaluate_checkpoint", "load_data_and_model", "objective_function", "ray_tune", "run", "run_recbole")
 
 
 def __getattr__(name):
@@ -58,10 +62,14 @@ def __getattr__(name):
         from recbole_mm.config import Config
 
         return Config
-    if name in ("evaluate_checkpoint", "load_data_and_model", "objective_function", "run_recbole"):
+    if name in ("evaluate_checkpoint", "load_data_and_model", "objective_function", "run", "run_recbole"):
         from recbole_mm import quick_start
 
         return getattr(quick_start, name)
+    if name == "ray_tune":
+        from recbole_mm.tuning import ray_tune
+
+        return ray_tune
     raise AttributeError(f"module 'recbole_mm' has no attribute {name!r}")
 
 

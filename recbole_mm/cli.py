@@ -20,6 +20,8 @@ from typing import Optional
 
 import yaml
 
+from recbole_mm.utils import jsonable
+
 DEFAULT_DATASET = "ml-100k-mm"
 DEFAULT_MODEL = "MoRec"
 
@@ -154,14 +156,28 @@ def cmd_run(args) -> int:
     import recbole_mm
 
     config_dict = _config_dict(args)
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--nproc ({args.nproc}) and --nnodes ({args.nnodes}) must be >= 1 and --node-rank "
+                         f"({args.node_rank}) in 0..{args.nnodes - 1}")
     with _plain_argv():
-        result = recbole_mm.run_recbole(
-            model=args.model,
-            dataset=args.dataset,
-            config_file_list=args.config_files or None,
-            config_dict=config_dict,
-            saved=not args.no_save,
-        )
+        if args.nproc > 1 or args.nnodes > 1:  # torch.distributed: one process per device (NCCL) or CPU share (gloo)
+            from recbole_mm.quick_start import run
+
+            result = run(model=args.model, dataset=args.dataset, config_file_list=args.config_files or None,
+                         config_dict=config_dict, saved=not args.no_save, nproc=args.nproc,
+                         world_size=args.nproc * args.nnodes, ip=args.master_addr, port=args.master_port,
+                         group_offset=args.node_rank * args.nproc)
+            if result is None:
+                print(f"node {args.node_rank}: done (results, log and checkpoint are on node 0)")
+                return 0
+        else:
+            result = recbole_mm.run_recbole(
+                model=args.model,
+                dataset=args.dataset,
+                config_file_list=args.config_files or None,
+                config_dict=config_dict,
+                saved=not args.no_save,
+            )
     table = results_table(result_rows(result))
     print(f"\n{result['model']} on {args.dataset}\n\n{table}\n")
     if result.get("efficiency"):
@@ -196,7 +212,7 @@ def _save_result(result: dict, path: Optional[str]) -> None:
     """``-o FILE.json``: the whole result dict as JSON."""
     if path:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(result), f, indent=1)
+            json.dump(jsonable(result), f, indent=1)
         print(f"results: {path}")
 
 
@@ -210,16 +226,6 @@ def cmd_evaluate(args) -> int:
     _print_fairness(result)
     _save_result(result, args.output)
     return 0
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    return obj
 
 
 # -------------------------------------------------------------------------- tune
@@ -243,33 +249,58 @@ def parse_space(items: list[str]) -> dict:
 
 
 def cmd_tune(args) -> int:
-    import recbole_mm
-    from recbole.trainer import HyperTuning
-
     if not args.params_file and not args.space:
         raise SystemExit("recbole-mm tune: give --params-file FILE or at least one --space name=choice([...])")
-    fixed = {"model": args.model, "dataset": args.dataset}
-    fixed.update(_config_dict(args))
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
-        yaml.safe_dump(fixed, f)
-        fixed_file = f.name
-    try:
+    ray_only = [flag for flag, value in (("--cpus-per-trial", args.cpus_per_trial), ("--gpus-per-trial",
+                args.gpus_per_trial), ("--address", args.address), ("--ray-dir", args.ray_dir)) if value is not None]
+    if args.tool != "ray" and ray_only:
+        raise ValueError(f"{', '.join(ray_only)} {'applies' if len(ray_only) == 1 else 'apply'} to --tool ray only; "
+                         f"add --tool ray (hyperopt runs one trial at a time in this process)")
+    if args.tool == "ray":
+        from recbole_mm.tuning import params2str, ray_tune
+
         with _plain_argv():
-            tuner = HyperTuning(
-                recbole_mm.objective_function,
-                params_file=args.params_file,
-                params_dict=parse_space(args.space) if args.space else None,
-                fixed_config_file_list=(args.config_files or []) + [fixed_file],
-                algo=args.algo,
-                max_evals=args.max_evals,
-                early_stop=args.early_stop,
-            )
-            tuner.run()
-    finally:
-        os.remove(fixed_file)
+            found = ray_tune(args.model, args.dataset, params_file=args.params_file,
+                             params_dict=parse_space(args.space) if args.space else None,
+                             config_file_list=args.config_files or None, config_dict=_config_dict(args),
+                             algo=args.algo, max_evals=args.max_evals, early_stop=args.early_stop,
+                             cpus_per_trial=1 if args.cpus_per_trial is None else args.cpus_per_trial,
+                             gpus_per_trial=0 if args.gpus_per_trial is None else args.gpus_per_trial,
+                             address=args.address, ray_dir=args.ray_dir)
+        trials = [(params2str(t.params), t.result) for t in found.trials if t.result is not None]
+        best, best_score = params2str(found.best_params), found.best_score
+        header = f"tool: ray ({found.experiment_path}); "
+        if found.stopped_early:
+            header += f"stopped early ({args.early_stop} finished trials without a better valid score); "
+    else:
+        import recbole_mm
+        from recbole.trainer import HyperTuning
+
+        fixed = {"model": args.model, "dataset": args.dataset}
+        fixed.update(_config_dict(args))
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
+            yaml.safe_dump(fixed, f)
+            fixed_file = f.name
+        try:
+            with _plain_argv():
+                tuner = HyperTuning(
+                    recbole_mm.objective_function,
+                    params_file=args.params_file,
+                    params_dict=parse_space(args.space) if args.space else None,
+                    fixed_config_file_list=(args.config_files or []) + [fixed_file],
+                    algo=args.algo,
+                    max_evals=args.max_evals,
+                    early_stop=args.early_stop,
+                )
+                tuner.run()
+        finally:
+            os.remove(fixed_file)
+        trials = list(tuner.params2result.items())
+        best, best_score = tuner.params2str(tuner.best_params), tuner.best_score
+        header, found = "", None
     output = args.output or f"tune-{args.model}-{args.dataset}.md"
-    lines = [f"# Tuning {args.model} on {args.dataset}", "", f"algo: {args.algo}; trials: {len(tuner.params2result)}", ""]
-    for params, res in tuner.params2result.items():
+    lines = [f"# Tuning {args.model} on {args.dataset}", "", f"{header}algo: {args.algo}; trials: {len(trials)}", ""]
+    for params, res in trials:
         lines += [f"## {params}", "", results_table(result_rows(res)), ""]
         if res.get("efficiency"):
             lines += [efficiency_table(res), ""]
@@ -277,7 +308,9 @@ def cmd_tune(args) -> int:
             if res.get(key):
                 lines += [f"Fairness ({what}; attackers on held-out users, lower = less leakage)", "",
                           fairness_table(res, key), ""]
-    lines += [f"best: {tuner.params2str(tuner.best_params)} (valid score {tuner.best_score:.4f})", ""]
+    for t in (found.failed if found is not None else []):
+        lines += [f"## {params2str(t.params)}: failed", "", t.error or "", ""]
+    lines += [f"best: {best} (valid score {best_score:.4f})", ""]
     with open(output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
@@ -335,7 +368,8 @@ def cmd_extract(args) -> int:
         kind = args.kind
     spec = spec_from_config(config, args.modality, kind=kind, taps=taps)
     # token / tap features default to the dtype the models read (token_feature_dtype), so the file is the one they use
-    spec.dtype = args.dtype or (config["token_feature_dtype"] or "float16" if kind in ("tokens", "taps") else "float32")
+    spec.dtype = args.dtype or (config["token_feature_dtype"] or "float16" if kind in ("tokens", "taps")
+                                else config["feature_dtype"] or "float32")
     shard = None
     if args.shard:
         m = re.match(r"^(\d+)/(\d+)$", args.shard)
@@ -489,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-save", action="store_true", help="do not save the best checkpoint (test uses the last model)")
     r.add_argument("--output", "-o", help="also write the result dict as JSON here")
     r.add_argument("--plot", help="write a training-curve PNG (loss and valid score per epoch) here")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes on this machine (torch.distributed: one per GPU with NCCL, else CPU with gloo)")
+    r.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines of the run (the same command on each)")
+    r.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index, 0..M-1 (0 reports)")
+    r.add_argument("--master-addr", metavar="HOST", help="address of node 0 (default localhost; needed with --nnodes)")
+    r.add_argument("--master-port", type=int, metavar="PORT",
+                   help="rendezvous port on node 0 (default: a free port; needed with --nnodes)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (YAML values)")
     r.set_defaults(func=cmd_run)
 
@@ -501,8 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     debug(v)
     v.set_defaults(func=cmd_evaluate)
 
-    t = sub.add_parser("tune", help="hyper-parameter search (RecBole HyperTuning, hyperopt)",
-                       description="Hyper-parameter search with RecBole's HyperTuning (hyperopt).")
+    t = sub.add_parser("tune", help="hyper-parameter search (RecBole HyperTuning, hyperopt; or Ray Tune)",
+                       description="Hyper-parameter search with RecBole's HyperTuning (hyperopt, one trial at a time), "
+                                   "or with Ray Tune (--tool ray: trials side by side, on one machine or a Ray "
+                                   "cluster). Both take the same search space and write the same table.")
     common(t)
     t.add_argument("--params-file", help="RecBole params file (lines 'name choice [..]' / 'name uniform lo,hi')")
     t.add_argument("--space", action="append", default=[], metavar="NAME=KIND(ARGS)",
@@ -511,6 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-evals", type=int, default=100, help="trials for random / bayes")
     t.add_argument("--early-stop", type=int, default=10, help="stop after this many trials without improvement")
     t.add_argument("--output", "-o", help="result table file (default tune-<model>-<dataset>.md)")
+    t.add_argument("--tool", default="hyperopt", choices=["hyperopt", "ray"],
+                   help="hyperopt: RecBole's HyperTuning, trials one after another (default); ray: Ray Tune "
+                        "(pip install 'recbole_mm[ray]'): exhaustive = grid search, random = sampling, bayes = "
+                        "HyperOptSearch")
+    t.add_argument("--cpus-per-trial", type=float, metavar="C", help="--tool ray: CPUs each trial reserves (default 1)")
+    t.add_argument("--gpus-per-trial", type=float, metavar="G", help="--tool ray: GPUs each trial reserves (default 0)")
+    t.add_argument("--address", help="--tool ray: a running Ray cluster ('auto', HEAD:6379); default: a local Ray "
+                                     "on this machine's CPUs")
+    t.add_argument("--ray-dir", metavar="DIR", help="--tool ray: where the experiment folder (one folder per trial, "
+                                                    "with its RecBole log) goes (default ./ray_results)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="fixed config overrides for every trial")
     t.set_defaults(func=cmd_tune)
 
@@ -535,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-fields", help="comma-separated .item text columns")
     e.add_argument("--image-size", type=int, help="square image side")
     e.add_argument("--dtype", choices=["float32", "float16"],
-                   help="storage dtype (default float32; tokens and taps: token_feature_dtype, float16)")
+                   help="storage dtype (default: feature_dtype, float32; tokens and taps: token_feature_dtype, float16)")
     e.add_argument("--output", "-o", help="output .npy (default <dataset>/features/<encoder>/<modality>-<pooling>...npy)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key=value")

@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     if args.threads:
         os.environ["RECBOLE_MM_THREADS"] = str(args.threads)
     import recbole_mm
-    from recbole_mm.cli import _jsonable, _plain_argv, result_rows, results_table
+    from recbole_mm.cli import _plain_argv, result_rows, results_table
+    from recbole_mm.utils import jsonable
     from recbole_mm.threads import configure_threads
     from recbole_mm.trainer.trainer import plot_training_curve
 
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output_dir, "morec_result.json"), "w", encoding="utf-8") as f:
         import json
 
-        json.dump(_jsonable(result), f, indent=1)
+        json.dump(jsonable(result), f, indent=1)
     table = results_table(result_rows(result))
     print(f"\nMoRec (text: all-MiniLM-L6-v2, image: EfficientNet-Lite0; two-stage) on ml-100k-mm, {minutes:.1f} min\n")
     print(table)

@@ -16,7 +16,11 @@
 - Sharded: ``shard=(i, n)`` computes rows ``[i*N/n, (i+1)*N/n)`` into ``<stem>.shard-i-of-n.npy``; when the
   last shard finishes, the shards are merged into ``<stem>.npy`` (and removed), under the lock of ``<stem>.npy``:
   shards finishing together merge once, the others wait and return the merged file.
-- Provenance: the sidecar records encoder, pooling, taps, dtype, shape, token order, checksum and settings.
+- Provenance: the sidecar records encoder, pooling, taps, dtype, shape, token order, checksum and settings, and
+  the fingerprints of its inputs (:func:`input_fingerprint`: the item tokens, and the texts read or the image
+  files' size and mtime). A file whose inputs changed (a re-converted dataset: new items, edited titles, new
+  images) is stale: it is extracted again, with a warning saying what changed, never read.
+- Storage dtype: ``feature_dtype`` (pooled) / ``token_feature_dtype`` (tokens, taps): float32 or float16.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class ExtractSpec:
     tap_pooling: Optional[str] = None  # text taps: cls | mean (padding included) | masked_mean | last
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"feature dtype must be float32 or float16 (feature_dtype / token_feature_dtype / "
+                             f"--dtype), got {self.dtype!r}")
         if self.modality == "text":
             if isinstance(self.text_fields, str):
                 self.text_fields = [self.text_fields]
@@ -171,6 +178,8 @@ class _Inputs:
             else:  # an empty shard
                 self.ids = self.mask = torch.zeros((0, spec.max_length), dtype=torch.long)
         else:
+            self.content = content
+            self.workers = int(cfg_get(config, "worker", 0) or 0)  # RecBole's key: DataLoader decoding processes
             store, rows = content.image_rows(spec.image_size)
             self.store, self.rows = store, rows[1:]
 
@@ -182,6 +191,22 @@ class _Inputs:
             width = max(int(mask.sum(1).max().item()), 1)  # trim padding shared by the whole batch
             return (ids[:, :width], mask[:, :width])
         return (self.store.read(self.rows[lo:hi]),)
+
+    def batches(self, start: int, stop: int, batch_size: int):
+        """``(lo, hi, inputs)`` for rows ``[start, stop)`` in batches of ``batch_size``. Images are decoded by
+        ``worker`` DataLoader processes (RecBole's key; 0 = here) while the encoder runs on the previous batch."""
+        if self.spec.modality == "text" or start >= stop:
+            for lo in range(start, stop, batch_size):
+                hi = min(lo + batch_size, stop)
+                yield lo, hi, self.batch(lo, hi)
+            return
+        from recbole_mm.data.content import item_image_batches
+
+        ids = torch.arange(start + 1, stop + 1)  # content ids: row r is id r + 1 (id 0 is padding)
+        lo = start
+        for _, pixels in item_image_batches(self.content, ids, batch_size, self.workers, self.spec.image_size):
+            yield lo, lo + len(pixels), (pixels,)
+            lo += len(pixels)
 
 
 def _row_shape(encoder, spec: ExtractSpec) -> tuple:
@@ -219,6 +244,7 @@ def extract_features(
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tokens = catalogue_tokens(dataset_dir, dataset_name, cfg_get(config, "ITEM_ID_FIELD", "item_id"),
                               cfg_get(config, "benchmark_filename"))
+    inputs = input_fingerprint(spec, dataset_dir, dataset_name, tokens, config)
     n_total = len(tokens)
     lo_all, hi_all = 0, n_total
     target = out_path
@@ -228,22 +254,88 @@ def extract_features(
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
         lo_all, hi_all = (i * n_total) // n, ((i + 1) * n_total) // n
         target = _shard_path(out_path, i, n)
-    if shard is None and _complete(target):  # no lock needed to use a finished file (read-only folders work)
+    if shard is None and _fresh(target, inputs):  # no lock needed to use a finished file (read-only folders work)
         logger.info(f"features already extracted: {target}")
         return target
     with BuildLock(lock_path_for(target), what=f"features {target}", log=logger):
-        if _complete(target) or (shard is not None and _complete(out_path)):
-            logger.info(f"features already extracted: {out_path if shard and _complete(out_path) else target}")
+        merged = shard is not None and _fresh(out_path, inputs)
+        if _fresh(target, inputs) or merged:
+            logger.info(f"features already extracted: {out_path if merged else target}")
             remove_leftovers(_work_leftovers(target), "feature extraction", logger, reason="the file is complete")
         else:
+            for path in {target, out_path}:
+                reason = _stale_reason(path, inputs) if _complete(path) else None
+                if reason:
+                    logger.warning(f"features {path} were extracted from other inputs ({reason}): extracting "
+                                   "them again (a checkpoint trained on the old file no longer loads)")
             _extract_locked(dataset_dir, dataset_name, spec, tokens[lo_all:hi_all], lo_all, target, shard,
-                            batch_size, progress, config, device, _stop_after_batches)
+                            batch_size, progress, config, device, _stop_after_batches, inputs)
     return _maybe_merge(out_path, shard) if shard else target
 
 
 def _complete(path: str) -> bool:
     """A feature file is complete when its rows and its sidecar exist (the sidecar is written first)."""
     return os.path.isfile(path) and os.path.isfile(ff.sidecar_path(path))
+
+
+def _digest(values) -> str:
+    h = hashlib.sha256()
+    for v in values:
+        h.update(str(v).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def input_fingerprint(spec: ExtractSpec, dataset_dir: str, dataset_name: str, tokens: Sequence[str],
+                      config=None) -> dict:
+    """What the rows of ``spec`` are computed from, in the dataset folder as it is now: the item tokens (as a
+    set) and, per item, the text the encoder reads (``text_fields`` joined) or the image file's size and
+    modification time (an image never decoded is not read: this stays cheap for large catalogues) and the image
+    store's format and quality (the pixels the encoder sees)."""
+    from recbole_mm.data.content import ItemContent
+
+    tokens = [str(t) for t in tokens]
+    out = {"items": len(tokens), "tokens_sha256": _digest(sorted(tokens))}
+    content = ItemContent(["[PAD]"] + tokens, dataset_dir, dataset_name, config or {})
+    if spec.modality == "text":
+        out["text_sha256"] = _digest(content.text(spec.text_fields)[1:])
+    else:
+        from recbole_mm.data.images import find_images
+
+        files = find_images(content.image_dir())
+
+        def stamp(token):
+            if token not in files:
+                return f"{token}:-"
+            st = os.stat(files[token])
+            return f"{token}:{st.st_size}:{st.st_mtime_ns}"
+
+        out["images_sha256"] = _digest(stamp(t) for t in tokens)
+        store = content.store_settings(spec.image_size)  # the pixels are decoded from this store
+        out["image_store"] = store["fmt"] + (f"-q{store['quality']}" if store["fmt"] == "jpeg" else "")
+    return out
+
+
+_INPUT_NAMES = {"text_sha256": "the text of some items changed", "images_sha256": "image files changed",
+                "image_store": "the image store format or quality changed"}
+
+
+def _stale_reason(path: str, inputs: dict) -> Optional[str]:
+    """Why the complete feature file ``path`` does not fit ``inputs`` (``None`` when it does). A sidecar without
+    inputs (written before they were recorded, or by :func:`~recbole_mm.data.features.write_features` elsewhere)
+    is judged by its set of item tokens alone (``inputs`` hashes the sorted catalogue)."""
+    side = ff.read_sidecar(path)
+    have = side.get("inputs")
+    if have is None:
+        # rows are matched by token: a file with the catalogue's items in another order is still this catalogue's
+        return None if _digest(sorted(side["tokens"])) == inputs["tokens_sha256"] else "the item list changed"
+    if have.get("tokens_sha256") != inputs["tokens_sha256"]:
+        return f"the item list changed: {have.get('items')} items, now {inputs['items']}"
+    changed = [_INPUT_NAMES.get(k, f"{k} changed") for k in inputs if have.get(k) != inputs[k]]
+    return ", ".join(changed) or None
+
+
+def _fresh(path: str, inputs: dict) -> bool:
+    return _complete(path) and _stale_reason(path, inputs) is None
 
 
 def _work_files(target: str) -> tuple[str, str]:
@@ -267,7 +359,7 @@ def _partial_fits(path: str, shape: tuple, dtype) -> bool:
 
 
 def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, shard, batch_size, progress, config,
-                    device, _stop_after_batches) -> None:
+                    device, _stop_after_batches, fingerprint=None) -> None:
     """Extract rows ``tokens`` into ``target`` (resuming a partial run); the caller holds the target's lock."""
     from tqdm.auto import tqdm
 
@@ -279,7 +371,8 @@ def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, sha
     n_rows = len(tokens)
     token_digest = hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
     # What the rows depend on (JSON round trip: the record read back compares equal).
-    meta = json.loads(json.dumps({"spec": asdict(spec), "rows": n_rows, "lo": lo_all, "tokens_sha256": token_digest}))
+    meta = json.loads(json.dumps({"spec": asdict(spec), "rows": n_rows, "lo": lo_all, "tokens_sha256": token_digest,
+                                  "inputs": fingerprint}))
     dtype = np.dtype(spec.dtype)
     shape = (n_rows,) + _row_shape(encoder, spec)
     done = 0
@@ -298,9 +391,8 @@ def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, sha
     bar = tqdm(total=n_rows, initial=done, desc=f"extract {spec.modality} {spec.stem()}", unit="item", disable=not progress)
     batches = 0
     with torch.inference_mode():
-        for lo in range(done, n_rows, batch_size):
-            hi = min(lo + batch_size, n_rows)
-            rows = encoder(*[t.to(device) for t in inputs.batch(lo, hi)]).float().cpu().numpy()
+        for lo, hi, batch in inputs.batches(done, n_rows, batch_size):
+            rows = encoder(*[t.to(device) for t in batch]).float().cpu().numpy()
             if dtype == np.float16 and np.abs(rows).max(initial=0.0) > np.finfo(np.float16).max:
                 raise ff.FeatureFileError(
                     f"{spec.encoder} gives values beyond float16's range ({np.abs(rows).max():.3g}) for items "
@@ -317,7 +409,8 @@ def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, sha
     array.flush()
     del array
     widths = getattr(encoder, "tap_widths", None) if spec.kind == "taps" else None
-    side = _sidecar(partial, tokens, spec, encoder, extra={"shard": list(shard) if shard else None, "tap_widths": widths})
+    side = _sidecar(partial, tokens, spec, encoder, extra={"shard": list(shard) if shard else None, "tap_widths": widths},
+                    inputs=fingerprint)
     ff.write_sidecar(target, side)  # first the sidecar, then the rows: a complete pair appears at the rename
     os.replace(partial, target)
     if os.path.exists(progress_file):  # an empty shard has none
@@ -325,7 +418,8 @@ def _extract_locked(dataset_dir, dataset_name, spec, tokens, lo_all, target, sha
     logger.info(f"wrote {target}")
 
 
-def _sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder, extra: Optional[dict] = None) -> dict:
+def _sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder, extra: Optional[dict] = None,
+             inputs: Optional[dict] = None) -> dict:
     """The sidecar of the rows in ``path`` (its sha256 included)."""
     arr = np.load(path, mmap_mode="r")
     settings = spec.settings()
@@ -342,6 +436,7 @@ def _sidecar(path: str, tokens: Sequence[str], spec: ExtractSpec, encoder, extra
         taps=getattr(encoder, "taps", None) if spec.kind == "taps" else None,
         settings=settings,
         sha256=ff.file_sha256(path),
+        inputs=inputs,
     )
 
 
@@ -441,6 +536,7 @@ def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> 
             text_fields=_text_fields(get("text_fields", ["title"])),
             lowercase=bool(get("text_lowercase", False)),
             normalize=bool(get("text_normalize", False)),
+            dtype=str(get("feature_dtype", "float32")),
         )
     return ExtractSpec(
         modality="image",
@@ -453,6 +549,7 @@ def spec_from_config(config, modality: str, kind: str = "pooled", taps=None) -> 
         image_weights=get("image_weights"),
         image_mean=get("image_mean"),
         image_std=get("image_std"),
+        dtype=str(get("feature_dtype", "float32")),
     )
 
 
@@ -464,7 +561,8 @@ def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpe
     """Path of the features for ``spec`` in a dataset folder, extracting them first if they are missing.
 
     An existing file made with other settings (max length, text fields, image size, ...) is an error naming
-    both, instead of silently using the wrong features.
+    both, instead of silently using the wrong features. A file made with these settings from other inputs (the
+    dataset was converted again: new items, other titles, new images) is extracted again (:func:`extract_features`).
     """
     features_dir = cfg_get(config, "features_dir")
     path = default_feature_path(dataset_dir, spec, features_dir)
@@ -487,6 +585,5 @@ def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpe
                 f"feature file {path} was extracted with other settings (file vs requested: {diff}); delete it, "
                 f"or extract the new settings elsewhere (features_dir / recbole-mm extract --output)"
             )
-        return path
     batch_size = int(cfg_get(config, "extract_batch_size", 64))
     return extract_features(dataset_dir, dataset_name, spec, out_path=path, batch_size=batch_size, progress=progress, config=config)

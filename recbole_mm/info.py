@@ -66,11 +66,13 @@ def dataset_report(config, verify: bool = False) -> str:
         f"  images {image_dir}: {len(images)} files; {len(inter_items & set(images))} of {len(inter_items)} interaction items have one"
     )
     store_root = cfg_get(config, "image_store_dir") or os.path.join(folder, "image_store")
-    for index_path in sorted(glob.glob(os.path.join(store_root, "*px", "index.json"))):
+    for index_path in sorted(glob.glob(os.path.join(store_root, "*px*", "index.json"))):
         with open(index_path, encoding="utf-8") as f:
             idx = json.load(f)
+        fmt = idx.get("format", "raw")
+        fmt += f" q{idx['quality']}" if "quality" in idx else ""
         lines.append(
-            f"  image store {os.path.dirname(index_path)}: {len(idx['tokens'])} items at {idx['size']}px, "
+            f"  image store {os.path.dirname(index_path)} ({fmt}): {len(idx['tokens'])} items at {idx['size']}px, "
             f"{len(idx.get('missing', []))} missing, {len(idx.get('corrupt', []))} corrupt"
         )
 

@@ -20,6 +20,25 @@ RecBole's checkpoint load sites           ``torch.load`` defaults to ``weights_o
 ``recbole.quick_start``                   :func:`install` (everything below)
 ========================================  ==================================================================
 
+Distributed runs (:mod:`recbole_mm.distributed`; RecBole 1.2.1 runs them on CUDA only, with approximate metrics);
+each patch changes nothing in a single-process run:
+
+==============================================  ============================================================
+``Config._init_device``                         gloo + CPU without GPUs, NCCL + ``cuda:local_rank`` with them
+                                                (RecBole: NCCL and CUDA always); rank ``offset + local_rank``
+``AbstractTrainer.__init__``                    DDP without ``device_ids`` on the CPU (RecBole passes
+                                                ``[local_rank]``, a CUDA index); SyncBatchNorm on GPUs only;
+                                                ``broadcast_buffers=False`` (buffers are frozen content tables,
+                                                the same on every rank: no copy of them at every step)
+``AbstractDataLoader.__init__``                 evaluation loaders: each rank takes ``rows[rank::world]``,
+                                                without the sampler's padding (repeated rows)
+``Collector.get_data_struct``                   the evaluated rows of every rank are gathered before the metrics
+``Trainer._map_reduce``                         then nothing to average: the result is already global (RecBole
+                                                averages per-rank metrics, exact only for equal shares)
+``get_tensorboard`` (trainer)                   ranks other than 0 write no tensorboard files
+``ensure_dir`` (utils, logger, trainer, data)   ``exist_ok``: processes starting together race on log/, saved/
+==============================================  ============================================================
+
 :func:`install` (also ``recbole_mm.install()``, idempotent) replaces every binding RecBole's quick start uses:
 ``get_model`` (four modules), ``get_trainer``, ``create_dataset``, ``Config`` (the plugin's: plugin yaml,
 unknown-key warnings), ``get_flops`` (never fatal) and ``load_data_and_model`` (plugin models, trusted load, numpy
@@ -121,6 +140,143 @@ def watch() -> None:
     when_imported("recbole.model.general_recommender.pop", compat.fix_pop_counts)
     when_imported("scipy.sparse", compat.restore_dok_update)
     when_imported("recbole.quick_start", lambda m: install())
+    when_imported("recbole.config.configurator", _patch_init_device)
+    when_imported("recbole.trainer.trainer", _patch_trainer)
+    when_imported("recbole.evaluator.collector", _patch_collector)
+    when_imported("recbole.data.dataloader.abstract_dataloader", _patch_dataloader)
+    for name in _ENSURE_DIR_SITES:
+        when_imported(name, _patch_ensure_dir)
+
+
+# ------------------------------------------------------------------------------------------- distributed runs
+_ENSURE_DIR_SITES = ("recbole.utils.utils", "recbole.utils", "recbole.utils.logger", "recbole.trainer.trainer",
+                     "recbole.data.dataset.dataset", "recbole.data.utils")
+
+
+def _ensure_dir(dir_path):
+    """RecBole's ``ensure_dir`` (``if not exists: makedirs``) raises FileExistsError when another process of a
+    distributed run creates the folder in between (log/, saved/, log_tensorboard/)."""
+    import os
+
+    os.makedirs(dir_path, exist_ok=True)
+
+
+def _patch_ensure_dir(module) -> None:
+    if getattr(module, "ensure_dir", None) is not None:
+        module.ensure_dir = _ensure_dir
+
+
+def _patch_init_device(module) -> None:
+    """``Config._init_device``: the distributed branch by :func:`recbole_mm.distributed.init_device` (backend by
+    device; RecBole's asserts ``len(gpu_id) >= nproc`` and calls NCCL / CUDA unconditionally)."""
+    cls = module.Config
+    original = cls._init_device
+    if getattr(original, "recbole_mm", False):
+        return
+
+    def _init_device(self):
+        if "local_rank" not in self.final_config_dict:
+            return original(self)
+        from recbole_mm import distributed
+
+        distributed.init_device(self)
+
+    _init_device.recbole_mm = True
+    cls._init_device = _init_device
+
+
+def _patch_trainer(module) -> None:
+    """DDP that also runs on the CPU, metrics computed from every rank's rows, tensorboard on rank 0 only."""
+    abstract = module.AbstractTrainer
+    if getattr(abstract.__init__, "recbole_mm", False):
+        return
+
+    def __init__(self, config, model):
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.config = config
+        self.model = model
+        if not config["single_spec"]:
+            device = torch.device(config["device"])
+            if device.type == "cuda":  # SyncBatchNorm runs on accelerators only (it raises on CPU tensors)
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # Gradients are averaged by DDP's hooks, armed by RecBole's set_reduce_hook at every step. Buffers are not
+            # re-broadcast before every step: here they are frozen content tables, the same on every rank
+            # (torch >= 2.14 names the switch forward_sync_buffers and deprecates broadcast_buffers)
+            import inspect
+
+            ddp_args = inspect.signature(DistributedDataParallel).parameters
+            sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"
+            self.distributed_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False})
+
+    __init__.recbole_mm = True
+    abstract.__init__ = __init__
+
+    def _map_reduce(self, result, num_sample):
+        return result  # the collector gathered every rank's rows (_patch_collector): the metrics are global
+
+    module.Trainer._map_reduce = _map_reduce
+    get_tensorboard = module.get_tensorboard
+
+    def rank0_tensorboard(logger):
+        from recbole_mm import distributed
+
+        if distributed.is_main_process():
+            return get_tensorboard(logger)
+        return _NullWriter()
+
+    module.get_tensorboard = rank0_tensorboard
+
+
+class _NullWriter:
+    """A SummaryWriter that writes nothing (ranks other than 0)."""
+
+    log_dir = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _patch_collector(module) -> None:
+    cls = module.Collector
+    original = cls.get_data_struct
+    if getattr(original, "recbole_mm", False):
+        return
+
+    def get_data_struct(self):
+        from recbole_mm import distributed
+
+        if distributed.is_distributed():  # every rank's evaluated rows, then RecBole's metrics on all of them
+            distributed.gather_struct(self.data_struct)
+        return original(self)
+
+    get_data_struct.recbole_mm = True
+    cls.get_data_struct = get_data_struct
+
+
+def _patch_dataloader(module) -> None:
+    cls = module.AbstractDataLoader
+    original = cls.__init__
+    if getattr(original, "recbole_mm", False):
+        return
+
+    def __init__(self, config, dataset, sampler, shuffle=False):
+        original(self, config, dataset, sampler, shuffle=shuffle)
+        if not config["single_spec"]:
+            from recbole.data.dataloader.general_dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
+
+            if isinstance(self, (FullSortEvalDataLoader, NegSampleEvalDataLoader)):
+                from recbole_mm import distributed
+
+                if self.sample_size < distributed.get_world_size():  # a rank without rows would skip the gather
+                    raise ValueError(f"an evaluation split has {self.sample_size} rows, fewer than the "
+                                     f"{distributed.get_world_size()} processes: run with fewer processes")
+                distributed.unpad_sampler(self.sampler, self.sample_size)
+
+    __init__.recbole_mm = True
+    cls.__init__ = __init__
 
 
 def install() -> None:

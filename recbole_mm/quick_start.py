@@ -14,7 +14,12 @@ Differences from ``recbole.quick_start`` (all additive):
   Config inside them); the unpickled Config gets RecBole's numpy settings (``np.float`` ...), which RecBole
   applies only when a Config is constructed, so evaluating a reloaded model works in a new process;
 - ``run_recbole`` and ``objective_function`` set torch's thread count first (:mod:`recbole_mm.threads`:
-  ``RECBOLE_MM_THREADS``, else your own setting, else the measured default).
+  ``RECBOLE_MM_THREADS``, else your own setting, else the measured default);
+- ``run(..., nproc=N)`` (RecBole's ``run`` / ``run_recboles``, same arguments) trains with ``torch.distributed`` on
+  GPUs (NCCL) and on the CPU (gloo), and its metrics are exactly the one-process metrics (every rank's evaluated
+  rows are gathered before the metrics; :mod:`recbole_mm.distributed`); only rank 0 writes the log, the tensorboard
+  files and the checkpoint, which loads in one process; ``evaluate_checkpoint(..., nproc=N)`` evaluates a
+  checkpoint with N processes.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_mm import compat, registry
+from recbole_mm import compat, distributed, registry
 from recbole_mm.compat import safe_get_flops
 from recbole_mm.config import Config
 from recbole_mm.data.utils import create_dataset
@@ -144,6 +149,55 @@ def trainer_extras(trainer) -> dict:
     return {key: getattr(trainer, key) for key in EXTRA_RESULT_KEYS if getattr(trainer, key, None) is not None}
 
 
+def _init_logger(config) -> None:
+    """RecBole's logger (console and log file) on rank 0; errors only, on stderr, on the other ranks of a
+    distributed run (one log file per run, not per process)."""
+    if config["single_spec"] or distributed.is_main_process():
+        init_logger(config)
+        return
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.ERROR)
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR)
+
+
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
+        ip=None, port=None, group_offset=0):
+    r"""RecBole's ``run``: :func:`run_recbole` in this process, or with ``nproc > 1`` (or ``world_size > 0``) in
+    ``nproc`` new processes of one ``torch.distributed`` run (NCCL on GPUs, gloo on the CPU).
+
+    Args:
+        nproc (int): processes on this machine (one per GPU on GPUs).
+        world_size (int): processes over all machines (``-1``: ``nproc``, a single machine).
+        ip (str): address of the machine of rank 0 (default ``localhost``; required over several machines).
+        port (int): its rendezvous port (default: a free port on a single machine; required over several).
+        group_offset (int): global rank of this machine's first process: ``node_rank * nproc``.
+
+    Returns:
+        dict: :func:`run_recbole`'s result, from rank 0 (``None`` on the other machines).
+    """
+    if int(nproc) == 1 and int(world_size) <= 0:
+        return run_recbole(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
+                           saved=saved)
+    keys = distributed.rendezvous(nproc, world_size, ip, port, group_offset)
+    config_dict = dict(config_dict or {})
+    config_dict.update(keys)
+    return distributed.launch(run_recboles, (model, dataset, config_file_list,
+                                             {"config_dict": config_dict, "saved": saved}), nproc=keys["nproc"])
+
+
+def run_recboles(rank, *args):
+    r"""One process of :func:`run` (RecBole's ``run_recboles``): ``args`` = ``(model, dataset, config_file_list,
+    kwargs)``; local rank ``rank``. Returns the result on global rank 0, ``None`` elsewhere."""
+    kwargs = dict(args[-1])
+    kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=rank)
+    result = run_recbole(*args[:3], **kwargs)
+    return result if rank + int(kwargs["config_dict"].get("offset") or 0) == 0 else None
+
+
 def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     r"""Train and test a model on a dataset (RecBole's ``run_recbole``; ``model`` may be a name or a class).
 
@@ -155,7 +209,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     configure_threads()
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    _init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
@@ -182,7 +236,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "tensorboard_dir": _abs(getattr(getattr(trainer, "tensorboard", None), "log_dir", None)),
     }
     result.update(trainer_extras(trainer))
-    if labels is not None:
+    if labels is not None and distributed.is_main_process():
         result.update(fairness_results(config, model, labels))
         logger.info(set_color("fairness (attackers on held-out users)", "yellow") + f": {result['fairness_result']}")
     if not config["single_spec"]:
@@ -204,8 +258,13 @@ def _in_ray_session() -> bool:
         return False
 
 
-def objective_function(config_dict=None, config_file_list=None, saved=True):
-    r"""Objective for ``recbole.trainer.HyperTuning`` (RecBole 1.2.1's contract: the dict holds ``"model"``)."""
+def objective_function(config_dict=None, config_file_list=None, saved=True, report_to_ray=True):
+    r"""Objective for ``recbole.trainer.HyperTuning`` (RecBole 1.2.1's contract: the dict holds ``"model"``).
+
+    Inside a Ray Tune trial it reports the test result to Ray, as RecBole's does (for a ``tune.run`` of your own);
+    ``report_to_ray=False`` leaves reporting to the caller (:func:`recbole_mm.tuning.ray_tune` reports one result
+    with the valid score it optimises).
+    """
     configure_threads()
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
     init_seed(config["seed"], config["reproducibility"])
@@ -218,7 +277,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     labels = fairness_labels(config, dataset, train_data._dataset, model)  # fairness_eval: audited per trial too
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
-    if _in_ray_session():
+    if report_to_ray and _in_ray_session():
         from ray import tune
 
         tune.report(**test_result)
@@ -235,17 +294,24 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     return out
 
 
-def load_data_and_model(model_file):
+def load_data_and_model(model_file, distributed_keys: dict = None):
     r"""Load a checkpoint written by a run: ``(config, model, dataset, train_data, valid_data, test_data)``.
 
     The checkpoint is the user's own file (RecBole pickles its Config), so it is loaded with an explicit
-    ``weights_only=False``; do not load checkpoints from untrusted sources.
+    ``weights_only=False``; do not load checkpoints from untrusted sources. A checkpoint of a distributed run loads
+    in one process; ``distributed_keys`` (``local_rank``, ``nproc``, ``world_size``, ``ip``, ``port``, ``offset``)
+    make this process one rank of a distributed evaluation instead (:func:`evaluate_checkpoint`).
     """
     checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
     config = checkpoint["config"]
     compat.recbole_numpy_settings(config)  # a Config pickled by RecBole's own class gets no __setstate__ of ours
+    if distributed_keys:
+        config.final_config_dict.update(distributed_keys)
+        config._init_device()  # joins the process group (recbole_mm.distributed.init_device)
+    else:
+        distributed.make_single_process(config)  # saved by a distributed run: no sharding, no DDP here
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    _init_logger(config)
     logger = getLogger()
     logger.info(config)
     dataset = create_dataset(config)
@@ -261,21 +327,45 @@ def load_data_and_model(model_file):
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def evaluate_checkpoint(model_file, split: str = "test") -> dict:
+def evaluate_checkpoint(model_file, split: str = "test", nproc: int = 1, port=None) -> dict:
     """Evaluate a saved checkpoint again (in any process), under the run's own protocol: a result dict in the shape
     ``run_recbole`` returns for that split (``test_result`` or ``best_valid_result``, cold / new item groups with
-    their rows, each branch's results for a model with several), plus ``model``, ``dataset``, ``checkpoint_file``.
+    their rows, each branch's results for a model with several), plus ``model``, ``dataset``, ``checkpoint_file``
+    and, for models that count them, ``items_encoded`` (item rows their item tower encoded in this evaluation, over
+    all processes). ``nproc > 1``: in that many new processes on this machine (gloo on the CPU, NCCL on GPUs), with
+    the one-process figures.
     """
     if split not in ("test", "valid"):
         raise ValueError(f"split must be test or valid, got {split!r}")
-    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(model_file)
+    if int(nproc) > 1:
+        keys = distributed.rendezvous(nproc, port=port)
+        return distributed.launch(_evaluate_rank, (os.path.abspath(model_file), split, keys), nproc=keys["nproc"])
+    return _evaluate(model_file, split)
+
+
+def _evaluate_rank(rank: int, model_file: str, split: str, keys: dict):
+    """One process of a distributed :func:`evaluate_checkpoint`: the result on rank 0, ``None`` elsewhere."""
+    configure_threads()
+    try:
+        out = _evaluate(model_file, split, dict(keys, local_rank=rank))
+    finally:
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def _evaluate(model_file, split: str, distributed_keys: dict = None) -> dict:
+    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(model_file, distributed_keys)
     trainer = get_trainer(config["MODEL_TYPE"], registry.model_class_of(config))(config, model)
     if hasattr(trainer, "_set_item_groups"):  # cold / new groups from the training split, as in the run
         trainer._set_item_groups(train_data._dataset, is_train_split=True)
     data = test_data if split == "test" else valid_data
+    encoded = getattr(model, "items_encoded_eval", None)
     result = trainer.evaluate(data, load_best_model=False, show_progress=bool(config["show_progress"]))
     out = {"model": config["model"], "dataset": config["dataset"], "checkpoint_file": os.path.abspath(model_file),
            "split": split, ("test_result" if split == "test" else "best_valid_result"): result}
+    if encoded is not None:
+        out["items_encoded"] = int(distributed.all_reduce_sum(model.items_encoded_eval - encoded))
     # the trainer files an evaluation outside fit under *_test_*: name it after the split evaluated
     for key in ("cold_test_result", "new_test_result", "test_rows", "branch_test_result"):
         value = getattr(trainer, key, None)
@@ -284,6 +374,6 @@ def evaluate_checkpoint(model_file, split: str = "test") -> dict:
     if getattr(trainer, "cold_threshold_used", None) is not None:
         out["cold_threshold_used"] = trainer.cold_threshold_used
     labels = fairness_labels(config, dataset, train_data._dataset, model)
-    if labels is not None:
+    if labels is not None and distributed.is_main_process():
         out.update(fairness_results(config, model, labels))
     return out

@@ -16,6 +16,18 @@ def cfg_get(config, key: str, default=None):
     return default if value is None else value
 
 
+def jsonable(obj):
+    """``obj`` with dict keys as strings and numpy / torch scalars as Python numbers (for ``json.dump``; NaN and
+    infinities stay, as json writes them)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
 @contextlib.contextmanager
 def preserved_rng():
     """Run a block without moving the random streams of torch (CPU and CUDA), numpy and python, nor cuDNN's

@@ -297,9 +297,9 @@ def _assert_same_features(out, reference):
     ff.open_features(out, verify_checksum=True)
 
 
-def test_two_processes_extract_the_same_features_once(tiny_root, tiny_bert, reference_features, tmp_path):
+def test_four_processes_extract_the_same_features_once(tiny_root, tiny_bert, reference_features, tmp_path):
     out = str(tmp_path / "feats" / "f.npy")
-    workers = run_together(_extract_code(os.path.join(tiny_root, "mm-tiny"), tiny_bert, out), str(tmp_path), 2)
+    workers = run_together(_extract_code(os.path.join(tiny_root, "mm-tiny"), tiny_bert, out), str(tmp_path), 4)
     for w in workers:
         assert w.proc.returncode == 0, w.stderr[-3000:]
         assert w.stdout.strip() == out

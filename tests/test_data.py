@@ -168,10 +168,12 @@ def _image_folder(tmp_path):
     return folder, colours
 
 
-def test_image_store_placeholders_and_warning(tmp_path, caplog):
+@pytest.mark.parametrize("fmt", ["jpeg", "raw"])
+def test_image_store_placeholders_and_warning(tmp_path, caplog, fmt):
     folder, colours = _image_folder(tmp_path)
     tokens = ["[PAD]", "b", "e", "a", "missing1", "c", "d"]
-    content = ItemContent(tokens, str(folder), "imgs", {"image_size": 16})
+    keys = {"image_size": 16, "image_store_format": fmt, "image_store_workers": 1}
+    content = ItemContent(tokens, str(folder), "imgs", keys)
     with caplog.at_level(logging.WARNING):
         px = content.pixels(torch.arange(len(tokens)))
     assert px.shape == (len(tokens), 16, 16, 3) and px.dtype == torch.uint8
@@ -184,9 +186,11 @@ def test_image_store_placeholders_and_warning(tmp_path, caplog):
     assert "missing1" in text and "placeholder" in text
     assert "e" in text and "d" in text and "truncated or corrupt" in text
     # the store is reused, not rebuilt
-    mtime = os.path.getmtime(folder / "image_store" / "16px" / "pixels.npy")
-    ItemContent(tokens, str(folder), "imgs", {"image_size": 16}).pixels(torch.tensor([1]))
-    assert os.path.getmtime(folder / "image_store" / "16px" / "pixels.npy") == mtime
+    store = folder / "image_store" / ("16px" if fmt == "raw" else "16px-jpeg-q90")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    assert ("pixels.npy" in mtimes) == (fmt == "raw")
+    ItemContent(tokens, str(folder), "imgs", keys).pixels(torch.tensor([1]))
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == mtimes
 
 
 def test_image_store_build_resumes(tmp_path, monkeypatch):
@@ -272,3 +276,24 @@ def test_saved_dataset_uses_this_runs_content_keys(tiny_config, tmp_path):
     _, cached = _dataset(cfg, text_fields=["title", "genres"])
     assert cached.config["text_fields"] == ["title", "genres"]
     assert not cached.item_content.text()[1].endswith(")")
+
+
+def test_saved_dataset_is_rebuilt_after_a_reconversion(tiny_root, tiny_config, tmp_path, caplog):
+    """save_dataset: the pickle records its atomic files' size and mtime; a folder converted again (here: one
+    interaction fewer) is never served from the old pickle."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_root, "mm-tiny"), root / "mm-tiny",
+                    ignore=shutil.ignore_patterns("features", "image_store*", "dataset_cache"))
+    cfg = dict(tiny_config, data_path=str(root), save_dataset=True, checkpoint_dir=str(tmp_path / "ck"))
+    _, first = _dataset(cfg)
+    _, again = _dataset(cfg)
+    assert len(again.inter_feat) == len(first.inter_feat)
+    inter = root / "mm-tiny" / "mm-tiny.inter"
+    lines = inter.read_text(encoding="utf-8").splitlines(keepends=True)
+    inter.write_text("".join(lines[:-1]), encoding="utf-8")  # the re-conversion dropped the last interaction
+    with caplog.at_level("INFO"):
+        _, rebuilt = _dataset(cfg)
+    assert "was built from other atomic files" in caplog.text
+    assert len(rebuilt.inter_feat) == len(first.inter_feat) - 1

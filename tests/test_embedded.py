@@ -10,8 +10,8 @@ from recbole_mm.data.embedded import build_ml100k_mm
 def _digest(folder):
     """Hash of the built files (features / image stores that runs add later are not part of the build)."""
     h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs[:] = sorted(d for d in dirs if d not in ("features", "image_store", "dataset_cache"))
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in ("features", "image_store", "dataset_cache"))  # not walked
         for name in sorted(files):
             path = os.path.join(root, name)
             h.update(os.path.relpath(path, folder).encode())

@@ -21,6 +21,9 @@ Sidecar keys::
     tokens        list of item tokens, one per row, in row order
     sha256        of the .npy file bytes
     settings      dict of extraction settings (max_length, text fields, image size, ...)
+    inputs        fingerprints of the inputs (item tokens; the texts read, or the image files' size and mtime), or
+                  null for files made elsewhere: extraction compares them with the dataset folder and extracts
+                  again when they differ (a re-converted dataset never reads stale features)
     created       ISO time; ``recbole_mm`` version
 
 Integrity: loading a file for a model (:meth:`ItemContent.features`) checks its bytes against the sidecar's
@@ -94,8 +97,10 @@ def make_sidecar(
     settings: Optional[dict] = None,
     sha256: Optional[str] = None,
     created: Optional[str] = "now",
+    inputs: Optional[dict] = None,
 ) -> dict:
-    """The sidecar dict. ``created``: ISO time, ``"now"`` (default) or ``None`` (reproducible files)."""
+    """The sidecar dict. ``created``: ISO time, ``"now"`` (default) or ``None`` (reproducible files). ``inputs``:
+    fingerprints of what the rows were computed from (:func:`recbole_mm.extract.input_fingerprint`)."""
     from recbole_mm._version import __version__
 
     if kind not in KINDS:
@@ -105,7 +110,7 @@ def make_sidecar(
         raise ValueError(f"kind {kind!r} needs a {expected_ndim}-d array, got shape {tuple(array_shape)}")
     if len(tokens) != array_shape[0]:
         raise ValueError(f"{len(tokens)} tokens for {array_shape[0]} rows")
-    return {
+    side = {
         "format": FORMAT,
         "modality": modality,
         "kind": kind,
@@ -120,6 +125,9 @@ def make_sidecar(
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat() if created == "now" else created,
         "recbole_mm_version": __version__,
     }
+    if inputs is not None:
+        side["inputs"] = inputs
+    return side
 
 
 def write_sidecar(npy_path: str, sidecar: dict) -> None:

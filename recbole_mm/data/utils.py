@@ -81,9 +81,17 @@ def create_dataset(config):
         dataset = _load_saved_dataset(default_file, config)  # saved meanwhile by another process?
         if dataset is None:
             dataset = dataset_class(config)
+            dataset.source_files = _source_files(config)  # a re-converted folder makes this file stale
             logging.getLogger().info(set_color("Saving filtered dataset into ", "pink") + f"[{default_file}]")
             atomic_pickle(default_file, dataset)  # RecBole's Dataset.save, atomically
     return dataset
+
+
+def _source_files(config) -> dict:
+    """``{file: [size, mtime_ns]}`` of the dataset's atomic files (``.inter``, ``.item``, ``.user``, ...)."""
+    from recbole_mm.data.sequence_build import file_fingerprints
+
+    return file_fingerprints(config["data_path"], config["dataset"])
 
 
 def _load_saved_dataset(file: str, config):
@@ -99,6 +107,32 @@ def _load_saved_dataset(file: str, config):
     keys = dataset_arguments + ["seed", "repeatable"] + MM_DATASET_ARGUMENTS
     if not all(config[arg] == dataset.config[arg] for arg in keys):
         return None
+    if getattr(dataset, "source_files", None) != _source_files(config):
+        logging.getLogger().info(f"saved dataset {file} was built from other atomic files (the dataset folder was "
+                                 "converted again, or it predates this check): building it again")
+        return None
     logging.getLogger().info(set_color("Load filtered dataset from", "pink") + f": [{file}]")
     dataset.config = config  # content keys (text fields, image store, ...) come from this run
     return dataset
+
+
+def attach_image_decode(loader):
+    """Wrap a RecBole dataloader's ``collate_fn`` in :class:`~recbole_mm.data.content.ImageBatchCollate`: the batches
+    of models that encode pixels then carry their items' decoded images, decoded in the loader's DataLoader workers
+    (RecBole's ``worker`` key; 0 = the main process, still outside ``forward``). Loaders of datasets without item
+    content, and batches of models without image towers, are left as they are. Returns the loader."""
+    from recbole_mm.data.content import ImageBatchCollate
+    from recbole_mm.utils import cfg_get
+
+    from recbole_mm.data.dataset import training_user_item_keys
+
+    dataset = getattr(loader, "_dataset", None)
+    content = getattr(dataset, "item_content", None) if dataset is not None else None
+    if content is None or isinstance(loader.collate_fn, ImageBatchCollate):
+        return loader
+    keys = None
+    if cfg_get(loader.config, "loss") == "bce" and content.batch_image_size is not None:
+        keys = getattr(dataset, "train_user_item_keys", None)  # negatives outside the user's training items
+        keys = keys if keys is not None else training_user_item_keys(dataset)
+    loader.collate_fn = ImageBatchCollate(loader.collate_fn, content, loader.config, keys)
+    return loader

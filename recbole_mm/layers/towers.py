@@ -4,7 +4,10 @@
   ``Linear(d, D)`` + GELU -> ``dnn_layers`` blocks of ``Dropout -> Linear(D, D) -> GELU`` (MoRec's TS head).
 - :class:`TextTower` (end-to-end): token ids of each item (tokenised once, a buffer) -> text encoder under a
   fine-tune policy -> ``Linear(d, D)`` + GELU (MoRec's E2E head).
-- :class:`ImageTower` (end-to-end): uint8 pixels from the image store -> image encoder -> ``Linear(d, D)`` + GELU.
+- :class:`ImageTower` (end-to-end): uint8 pixels -> image encoder -> ``Linear(d, D)`` + GELU. The pixels come from
+  the training batch (decoded in DataLoader workers by :class:`~recbole_mm.data.content.ImageBatchCollate`, made
+  available by ``ItemContent.batch_images`` around the model's item pass); ids the batch lacks, and passes outside
+  a batch, read the store (:meth:`~recbole_mm.data.content.ItemContent.pixels`).
 - :class:`TokenFeatureTower` (two-stage, token level): frozen token features ``[n_items, T, d]`` read from a
   memory map (fp16 on disk) -> ``Linear(d, D)`` per token (PMMRec's / MMSR's ``text_proj`` / ``cv_proj``),
   returned with the token mask as a pair ``(tokens [n, T', D], mask [n, T'])`` (T' = the batch's longest row).
@@ -53,12 +56,17 @@ def _trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
 
 class FeatureTower(nn.Module):
     """``activation=False``: a plain ``Linear(d, D)`` head (MMSR's token projection applied to mean-pooled
-    features: the linear map of a mean equals the mean of the linear maps)."""
+    features: the linear map of a mean equals the mean of the linear maps).
+
+    The frozen features stay in their dtype (``feature_dtype: float16`` halves the buffer); the rows read are cast
+    to the head's dtype."""
 
     def __init__(self, features: torch.Tensor, d_out: int, dnn_layers: int = 0, dropout: float = 0.1,
                  activation: bool = True):
         super().__init__()
-        self.register_buffer("features", features.float(), persistent=False)
+        if not features.is_floating_point():
+            features = features.float()
+        self.register_buffer("features", features, persistent=False)
         self.head = _head(features.shape[-1], d_out) if activation else _linear(features.shape[-1], d_out)
         blocks = []
         for _ in range(int(dnn_layers)):
@@ -68,12 +76,16 @@ class FeatureTower(nn.Module):
             blocks += [nn.Dropout(dropout), lin, nn.GELU()]
         self.dnn = nn.Sequential(*blocks)
 
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        weight = self.head[0].weight if isinstance(self.head, nn.Sequential) else self.head.weight
+        return rows if rows.dtype == weight.dtype else rows.to(weight.dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dnn(self.head(self.features[ids]))
+        return self.dnn(self.head(self._rows(self.features[ids])))
 
     def catalogue(self, first: int = 1) -> torch.Tensor:
         """``forward(arange(first, n_items))`` reading the feature rows in place (a slice, not a gather)."""
-        return self.dnn(self.head(self.features[first:]))
+        return self.dnn(self.head(self._rows(self.features[first:])))
 
 
 class TokenFeatureTower(nn.Module):
@@ -136,8 +148,11 @@ class ImageTower(_EncoderTower):
         self.content = content
         self.token_level = tokens
         self.head = _linear(encoder.hidden_size, d_out) if tokens else _head(encoder.hidden_size, d_out)
+        if hasattr(content, "request_batch_images"):
+            content.request_batch_images(encoder.image_size)  # training batches carry decoded pixels
 
     def forward(self, ids: torch.Tensor):
+        # the batch's pixels, decoded by the collate step (DataLoader workers); the store only for ids it lacks
         pixels = self.content.pixels(ids, self.encoder.image_size)
         out = self.head(self.encoder(pixels.to(ids.device)))
         if self.token_level:
@@ -220,6 +235,8 @@ class FrozenImageTaps(_EncoderTower):
         super().__init__()
         self.encoder = encoder
         self.content = content
+        if hasattr(content, "request_batch_images"):
+            content.request_batch_images(encoder.image_size)  # training batches carry decoded pixels
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.reshape(-1)

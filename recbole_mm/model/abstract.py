@@ -91,6 +91,7 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
         if self.similarity == "cosine" and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.item_matrix_batch_size = int(cfg_get(config, "item_matrix_batch_size", 256))
+        self.decode_workers = int(cfg_get(config, "worker", 0) or 0)  # RecBole's DataLoader workers: images decoded there
         # AMP only helps (and is only enabled) on CUDA; the trainer's autocast covers training
         self.amp = bool(cfg_get(config, "enable_amp", False)) and torch.device(config["device"]).type == "cuda"
         counts = torch.as_tensor(train_item_counts(dataset), dtype=torch.float64).clamp(min=1.0)
@@ -138,7 +139,7 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
                          lowercase=bool(cfg_get(config, "text_lowercase", False)))
         if mode == "two_stage":
             if not tokens:
-                return FeatureTower(self.frozen_features(config, dataset, modality), d, head_layers,
+                return FeatureTower(self.frozen_features(config, dataset, modality, as_stored=True), d, head_layers,
                                     cfg_get(config, "dropout_prob", 0.1), activation=activation)
             lookup = self.frozen_features(config, dataset, modality, kind="tokens")
             if modality == "text":
@@ -207,7 +208,10 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
 
     def item_matrix(self) -> torch.Tensor:
         """``[n_items, D]`` for every item (row 0 = padding, zeros). In eval mode it is computed in chunks of
-        ``item_matrix_batch_size`` without gradients and cached; in training (loss ``ce``) in one pass."""
+        ``item_matrix_batch_size`` without gradients and cached; in training (loss ``ce``) in one pass. In a
+        distributed evaluation with an expensive item tower (an encoder in forward), each rank encodes a block of the
+        chunks and the blocks are all-gathered: every rank must call this once per evaluation pass (the trainer
+        does, before the batches)."""
         if self._item_matrix is not None and not self.training:
             return self._item_matrix
         ids = torch.arange(self.n_items, device=self.log_pop.device)
@@ -215,21 +219,53 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
             matrix = self.item_tower(ids)
             self._count(self.n_items)
         else:
+            from recbole_mm import distributed
+
             chunks = ids.split(self.item_matrix_batch_size)
+            # fewer chunks than ranks (a catalogue smaller than world_size * item_matrix_batch_size): all on each rank
+            shared = (self.expensive_item_tower and distributed.is_distributed()
+                      and len(chunks) >= distributed.get_world_size())
+            if shared:  # each rank encodes its block of chunks (the chunks of one process: same rows, same numbers)
+                chunks = [chunks[i] for i in distributed.shard_chunks(len(chunks))]
+            passes = self._catalogue_passes(chunks)
             if self.show_progress:
                 from tqdm.auto import tqdm
 
-                chunks = tqdm(chunks, desc="item matrix", unit="chunk", leave=False)
+                passes = tqdm(passes, total=len(chunks), desc="item matrix", unit="chunk", leave=False)
             with torch.no_grad(), torch.autocast("cuda", enabled=self.amp):
                 parts = []
-                for chunk in chunks:
-                    parts.append(self.item_tower(chunk).float())
+                for chunk, images in passes:
+                    with images:
+                        parts.append(self.item_tower(chunk).float())
                     self._count(len(chunk))
-                matrix = torch.cat(parts, 0)
+                if shared:  # then every rank gets every block: each item encoded once across the ranks
+                    matrix = distributed.all_gather_rows(torch.cat(parts, 0))
+                else:
+                    matrix = torch.cat(parts, 0)
         matrix = torch.cat([torch.zeros_like(matrix[:1]), matrix[1:]], 0)
         if not self.training:
             self._item_matrix = matrix
         return matrix
+
+    def _catalogue_passes(self, chunks):
+        """``(chunk, context)`` for each chunk of ids: the item pass runs inside the context. Models encoding pixels
+        get each chunk's images decoded ahead by ``worker`` DataLoader processes (while the encoder runs) and
+        attached (:meth:`~recbole_mm.data.content.ItemContent.batch_images`); other models an empty context."""
+        size = getattr(self.content, "batch_image_size", None)
+        if size is None or not chunks:
+            return ((chunk, contextlib.nullcontext()) for chunk in chunks)
+        from types import SimpleNamespace
+
+        from recbole_mm.data.content import item_image_batches
+
+        device = chunks[0].device
+        # the chunks are consecutive runs of item_matrix_batch_size ids (only the catalogue's last may be shorter):
+        # batches of that size over their concatenation are the same chunks
+        loader = item_image_batches(self.content, torch.cat(list(chunks)).cpu(), self.item_matrix_batch_size,
+                                    self.decode_workers, size)
+        return ((ids.to(device), self.content.batch_images(SimpleNamespace(image_ids=ids, image_pixels=px,
+                                                                           image_size=size)))
+                for ids, px in loader)
 
     def invalidate_item_matrix(self) -> None:
         self._item_matrix = None
@@ -296,8 +332,12 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         all_ids = full
         if self.loss_name == "bce":
-            negatives = losses.sample_negatives(full, self.n_items, seq.shape[1], users=users,
-                                                forbidden_keys=self.train_keys if users is not None else None)
+            # drawn by the collate step when it decodes images (their pixels come with the batch), else here
+            negatives = getattr(interaction, "sampled_negatives", None)
+            if negatives is None or tuple(negatives.shape) != (seq.shape[0], seq.shape[1]):
+                negatives = losses.sample_negatives(full, self.n_items, seq.shape[1], users=users,
+                                                    forbidden_keys=self.train_keys if users is not None else None)
+            negatives = negatives.to(full.device)
             all_ids = torch.cat([full, negatives * (targets > 0)], 1)  # negatives only where there is a loss
         flat = all_ids.reshape(-1)
         ids = flat if extra_ids is None else torch.cat([flat, extra_ids.reshape(-1)])
@@ -307,10 +347,13 @@ class MMSequentialRecommender(ContentMixin, SequentialRecommender):
                    inverse=inverse[: flat.numel()].view(all_ids.shape))
         if extra_ids is not None:
             out["extra_inverse"] = inverse[flat.numel():].view(extra_ids.shape)
-        if with_modalities:
-            out["uniq_vecs"], out["modalities"] = self.item_tower(uniq, with_modalities=True)
-        else:
-            out["uniq_vecs"] = self.item_tower(uniq)
+        content = getattr(self, "content", None)
+        # pixels decoded by the collate step (DataLoader workers) are used by the image towers in this block
+        with content.batch_images(interaction) if content is not None else contextlib.nullcontext():
+            if with_modalities:
+                out["uniq_vecs"], out["modalities"] = self.item_tower(uniq, with_modalities=True)
+            else:
+                out["uniq_vecs"] = self.item_tower(uniq)
         self._count(len(uniq))
         return out
 

@@ -25,13 +25,16 @@ class ContentMixin:
         self.show_progress = bool(cfg_get(config, "show_progress", False))
         self._feature_fingerprints: dict = {}  # path -> fingerprint of each frozen feature file read (frozen_features)
 
-    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled", taps=None):
+    def frozen_features(self, config, dataset, modality: str, kind: str = "pooled", taps=None, as_stored: bool = False):
         """Frozen features of ``modality`` (``text`` | ``image``; any name, e.g. ``audio``, read from
         ``<modality>_feature_file``, a token-keyed feature file with its sidecar, as the converters write) aligned to internal ids (row 0 zeros), extracted
         on first use with the run's encoder keys and cached in the dataset folder. ``kind="pooled"``: a tensor
         ``[n_items, d]``; ``kind="tokens"`` / ``"taps"`` (hidden-state indices ``taps``, all when ``None``): a
         :class:`~recbole_mm.data.content.FeatureLookup` over the memory map ``[n, T, d]`` (stored as
-        ``token_feature_dtype``, float16 by default)."""
+        ``token_feature_dtype``, float16 by default). Pooled features are stored as ``feature_dtype``; the tensor
+        is float32 unless ``as_stored`` (then it keeps that dtype: a float16 buffer takes half the memory, for
+        consumers that cast the rows they read, like :class:`~recbole_mm.layers.towers.FeatureTower`)."""
+
         from recbole_mm.extract import default_feature_path, get_or_extract, spec_from_config
 
         given = cfg_get(config, f"{modality}_feature_file")
@@ -39,7 +42,7 @@ class ContentMixin:
             path = given if os.path.isabs(given) else os.path.join(dataset.dataset_path, given)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{modality}_feature_file {given!r}: no such file ({path})")
-            return self._record(path, self.content.features(path))
+            return self._record(path, self.content.features(path, dtype=self._pooled_dtype(config, as_stored)))
         if modality not in ("text", "image"):
             raise ValueError(f"{modality} features come from a file: set {modality}_feature_file (e.g. "
                              f"features/mmrec/{modality}.npy of a converted MMRec folder)")
@@ -51,8 +54,17 @@ class ContentMixin:
             self.require_images()
         with preserved_rng():  # extracting on first use must not change this model's initial weights
             path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
-        features = self.content.feature_lookup(path) if kind in ("tokens", "taps") else self.content.features(path)
+        if kind in ("tokens", "taps"):
+            features = self.content.feature_lookup(path)
+        else:
+            features = self.content.features(path, dtype=self._pooled_dtype(config, as_stored))
         return self._record(path, features)
+
+    @staticmethod
+    def _pooled_dtype(config, as_stored: bool):
+        import numpy as np
+
+        return np.dtype(cfg_get(config, "feature_dtype", "float32") if as_stored else "float32")
 
     def _record(self, path: str, features):
         # this model's own record (the content object is shared by every model built on the dataset)

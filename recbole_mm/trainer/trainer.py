@@ -18,7 +18,11 @@
   training-curve plot (``plot_training_curve``);
 - an efficiency record of every fit (``efficiency``, logged in one line when fit ends): time per epoch and per
   evaluation, peak memory during fit (RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and the
-  trainable / total parameter counts (keys in :attr:`MMTrainer.efficiency`).
+  trainable / total parameter counts (keys in :attr:`MMTrainer.efficiency`);
+- distributed runs (:mod:`recbole_mm.distributed`, ``recbole-mm run --nproc N``): every rank evaluates its rows and
+  the metrics (overall and per item group) are computed from the rows of all ranks (exactly the one-process
+  figures); an expensive item matrix is encoded in shares and gathered; every rank writes the best checkpoint's
+  name of rank 0 and waits for rank 0 to have written it before reading it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from recbole.evaluator.collector import DataStruct
 from recbole.trainer import Trainer
 from recbole.utils import ModelType, set_color
 
+from recbole_mm import distributed
 from recbole_mm.data.protocol import item_groups
+from recbole_mm.data.utils import attach_image_decode
 from recbole_mm.utils import cfg_get
 
 try:
@@ -182,6 +188,10 @@ class GroupCollector(Collector):
     def take_group_structs(self) -> dict:
         structs, self.group_structs = self.group_structs, {}
         self.last_rows, self.rows = self.rows, 0
+        if distributed.is_distributed():  # every rank's rows (a rank may have none of a group: agreed in gather)
+            for name in self.groups:
+                distributed.gather_struct(structs.setdefault(name, DataStruct()), ("rec.topk",))
+            self.last_rows = int(distributed.all_reduce_sum(self.last_rows))
         for struct in structs.values():
             for key in list(struct._data_dict):
                 struct._data_dict[key] = struct._data_dict[key].cpu()
@@ -231,6 +241,14 @@ class MMTrainer(Trainer):
                 "clip_grad_norm with AMP loss scaling: RecBole 1.2.1 clips the scaled gradients (it does not unscale "
                 "them first), so the clipping norm is in effect multiplied by the scale; turn enable_amp off to clip "
                 "as configured")
+        if distributed.is_distributed():  # one file name for all ranks (each took its own clock's time)
+            self.saved_model_file = distributed.broadcast_object(self.saved_model_file)
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        # global rank 0 writes (RecBole tests local_rank: the first process of every node would write the same file)
+        if distributed.is_main_process():
+            super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+        distributed.barrier()  # the others read it (evaluate(load_best_model=True)) only once it is complete
 
     def _build_optimizer(self, **kwargs):
         groups_fn = getattr(self.model, "optimizer_groups", None)
@@ -328,8 +346,17 @@ class MMTrainer(Trainer):
         set_epoch = getattr(self.model, "set_epoch", None)
         if callable(set_epoch):  # models whose loss depends on the epoch (ODMT's distillation ramp-up)
             set_epoch(epoch_idx)
+        # end-to-end image models: the batches carry their decoded images (decoded in the loader's workers, not in
+        # forward); a no-op for other models and for a loader already wrapped
+        attach_image_decode(train_data)
         start = time.perf_counter()
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        if distributed.is_distributed() and loss is not None:
+            # RecBole reports the rank's own sum of batch losses: report the mean over the ranks (with equal shares
+            # of every batch, the sum of the full batches' mean losses, as one process would)
+            world = distributed.get_world_size()
+            loss = (tuple(distributed.all_reduce_sum(x) / world for x in loss) if isinstance(loss, tuple)
+                    else distributed.all_reduce_sum(loss) / world)
         self.epoch_seconds.append(time.perf_counter() - start)
         self.train_loss_history.append(float(sum(loss) if isinstance(loss, tuple) else loss))
         return loss
@@ -381,6 +408,8 @@ class MMTrainer(Trainer):
             invalidate()  # one item matrix per evaluation pass
         self._history = self._history_of(eval_data) if eval_data else None
         start = time.perf_counter()
+        if eval_data and distributed.is_distributed():
+            load_best_model = self._prepare_distributed_eval(load_best_model, model_file)
         try:
             result = super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
                                       show_progress=show_progress)
@@ -398,6 +427,23 @@ class MMTrainer(Trainer):
             if self._last_branches is not None:
                 self.logger.info(set_color("test result per branch", "blue") + ": " + branch_line(self._last_branches))
         return result
+
+    def _prepare_distributed_eval(self, load_best_model: bool, model_file) -> bool:
+        """Before the batches of a distributed evaluation: load the best model (as RecBole's evaluate would), then
+        build the model's item matrix on every rank together (an expensive one is encoded in shares and gathered, a
+        collective: inside the batches a rank with fewer batches would not join it). Returns ``load_best_model``
+        for RecBole's evaluate (now ``False``)."""
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = torch.load(checkpoint_file, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        self.model.eval()
+        build = getattr(self.model, "item_matrix", None)
+        if callable(build):
+            build()
+        return False
 
     def _evaluate_branches(self, eval_data, show_progress: bool):
         """``{branch: metrics}`` for a model with ``branches``: the same pass again with ``model.eval_branch`` set
