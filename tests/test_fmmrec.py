@@ -53,14 +53,14 @@ def test_one_command_runs_every_stage_and_reuses_the_cache(fmmrec_cfg, monkeypat
 
     from recbole_mm.model import fmmrec_stages
 
-    monkeypatch.setattr(fmmrec_stages, "train_disentangler", no_training)
-    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(cache, "*"))}
-    second = recbole_mm.run_recbole(model="FMMRec", dataset="mm-tiny", config_dict=fmmrec_cfg)
+    with monkeypatch.context() as patched:  # only this patch is undone below (not the fixtures' cwd and argv)
+        patched.setattr(fmmrec_stages, "train_disentangler", no_training)
+        stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(cache, "*"))}
+        second = recbole_mm.run_recbole(model="FMMRec", dataset="mm-tiny", config_dict=fmmrec_cfg)
     assert _plain(second["test_result"]) == _plain(first["test_result"])
     assert {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(cache, "*"))} == stamps
 
     # a stage setting changes the stage-1 key only; the backbone stays
-    monkeypatch.undo()
     recbole_mm.run_recbole(model="FMMRec", dataset="mm-tiny", config_dict=dict(fmmrec_cfg, bmmf_biased_weight=0.2))
     files = [os.path.basename(p) for p in glob.glob(os.path.join(cache, "*"))]
     assert sum(f.startswith("backbone-") for f in files) == 1 and sum(f.startswith("bmmf-") for f in files) == 4
