@@ -28,8 +28,10 @@ each patch changes nothing in a single-process run:
                                                 (RecBole: NCCL and CUDA always); rank ``offset + local_rank``
 ``AbstractTrainer.__init__``                    DDP without ``device_ids`` on the CPU (RecBole passes
                                                 ``[local_rank]``, a CUDA index); SyncBatchNorm on GPUs only;
-                                                ``broadcast_buffers=False`` (buffers are frozen content tables,
-                                                the same on every rank: no copy of them at every step)
+                                                ``broadcast_buffers=False`` (most buffers are frozen content
+                                                tables: no copy of them at every step; BatchNorm statistics are
+                                                sent from rank 0 before each evaluation, and per-rank random
+                                                draws such as FREEDOM's pruned graph stay per rank)
 ``AbstractDataLoader.__init__``                 evaluation loaders: each rank takes ``rows[rank::world]``,
                                                 without the sampler's padding (repeated rows)
 ``Collector.get_data_struct``                   the evaluated rows of every rank are gathered before the metrics
@@ -202,7 +204,8 @@ def _patch_trainer(module) -> None:
             if device.type == "cuda":  # SyncBatchNorm runs on accelerators only (it raises on CPU tensors)
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             # Gradients are averaged by DDP's hooks, armed by RecBole's set_reduce_hook at every step. Buffers are not
-            # re-broadcast before every step: here they are frozen content tables, the same on every rank
+            # re-broadcast before every step: most are frozen content tables (MMTrainer sends rank 0's BatchNorm
+            # statistics before each evaluation instead)
             # (torch >= 2.14 names the switch forward_sync_buffers and deprecates broadcast_buffers)
             import inspect
 

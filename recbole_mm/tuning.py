@@ -63,7 +63,7 @@ RESULT_JSON = "recbole_mm_result"
 
 # Config keys that name a file or folder relative to the working directory: made absolute before trials start.
 CWD_PATH_KEYS = ("checkpoint_dir", "dataset_save_path", "dataloaders_save_path", "features_dir", "image_store_dir",
-                 "image_weights", "pretrained_path", "fmmrec_cache_dir")
+                 "image_weights", "pretrained_path", "fmmrec_cache_dir", "dataset_cache_dir")
 # Keys that are either a local path or a name (hub id, timm architecture): absolute only when the path exists.
 PATH_OR_NAME_KEYS = ("text_encoder", "image_encoder", "audio_feature_file")
 QUIET_PKG_RESOURCES = "ignore:pkg_resources is deprecated as an API:UserWarning"

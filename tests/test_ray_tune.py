@@ -144,11 +144,12 @@ def test_paths_become_absolute_and_devices_follow_ray(tmp_path, tiny_bert, monke
     monkeypatch.chdir(tmp_path)
     os.makedirs("enc")
     cfg = {"data_path": "data", "checkpoint_dir": "ck", "features_dir": "feat", "text_encoder": "enc",
-           "image_encoder": "tf_efficientnet_lite0"}
+           "image_encoder": "tf_efficientnet_lite0", "dataset_cache_dir": "cache"}
     config = Config(model="MoRec", dataset="mm-tiny", config_dict=cfg)
     paths = absolute_paths(config, cfg, cwd=str(tmp_path))
     assert paths["data_path"] == str(tmp_path / "data") and paths["checkpoint_dir"] == str(tmp_path / "ck")
     assert paths["features_dir"] == str(tmp_path / "feat") and paths["text_encoder"] == str(tmp_path / "enc")
+    assert paths["dataset_cache_dir"] == str(tmp_path / "cache")  # trials share one dataset cache
     assert "image_encoder" not in paths  # a timm name, not a path here
     # RecBole picks the device from gpu_id: none from Ray -> CPU; Ray's ids -> those GPUs
     assert device_overrides([]) == {"gpu_id": ""}

@@ -198,6 +198,19 @@ class GroupCollector(Collector):
         return structs
 
 
+def _sync_batchnorm_statistics(model) -> None:
+    """Rank 0's BatchNorm running statistics on every rank. DDP runs here without re-broadcasting buffers at every
+    step (most buffers are frozen content tables), and on the CPU without SyncBatchNorm, so each rank's statistics
+    drift apart while training; an evaluation encodes the catalogue in shares across ranks, so every rank must encode
+    with the same model."""
+    import torch.distributed as dist
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+
 class MMTrainer(Trainer):
     """RecBole's Trainer with the papers' protocol (history masking, cold / new item metrics), parameter groups,
     CUDA-only AMP and metering (module doc)."""
@@ -435,10 +448,16 @@ class MMTrainer(Trainer):
         for RecBole's evaluate (now ``False``)."""
         if load_best_model:
             checkpoint_file = model_file or self.saved_model_file
-            checkpoint = torch.load(checkpoint_file, map_location=self.device, weights_only=False)
+            # rank 0 wrote the file (on its own disk: other nodes need not share it): it reads and sends it
+            checkpoint = None
+            if distributed.get_rank() == 0:
+                checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+            checkpoint = distributed.broadcast_object(checkpoint)
             self.model.load_state_dict(checkpoint["state_dict"])
             self.model.load_other_parameter(checkpoint.get("other_parameter"))
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        else:
+            _sync_batchnorm_statistics(self.model)
         self.model.eval()
         build = getattr(self.model, "item_matrix", None)
         if callable(build):
