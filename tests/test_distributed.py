@@ -245,3 +245,49 @@ def test_history_masking_holds_on_every_rank(checkpoints):
     assert all(row[2] == 0 for rows in masked for row in rows)  # and none of it is recommended
     # the check can fail: without masking, history items do reach the top 10
     assert sum(row[2] for rows in ranks[False] for row in rows) > 0
+
+
+# ------------------------------------------------------------------------------- 5. what ranks share at evaluation
+def _share_worker(rank, port, checkpoint_file):
+    """Rank 0's BatchNorm statistics reach every rank; the best checkpoint is read by rank 0 only (the path does not
+    exist for rank 1: another node without the checkpoint folder) and sent to the others."""
+    import torch.distributed as dist
+
+    from recbole_mm.trainer import trainer as mm_trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        torch.manual_seed(rank)  # each rank's statistics drifted apart while training
+        net[1].running_mean.copy_(torch.randn(4))
+        net[1].running_var.copy_(torch.rand(4) + 0.5)
+        mm_trainer._sync_batchnorm_statistics(net)
+        stats = torch.cat([net[1].running_mean, net[1].running_var])
+
+        class Host:  # the parts of MMTrainer that _prepare_distributed_eval reads
+            model = torch.nn.Linear(2, 2)
+            saved_model_file = checkpoint_file if rank == 0 else checkpoint_file + ".on-another-node"
+            logger = __import__("logging").getLogger("share")
+
+        Host.model.load_other_parameter = lambda para: None
+        mm_trainer.MMTrainer._prepare_distributed_eval(Host, True, None)
+        weights = Host.model.weight.detach().clone()
+        everyone = [None, None]
+        dist.all_gather_object(everyone, (stats.tolist(), weights.tolist()))
+        return everyone if rank == 0 else None  # plain lists: tensors would cross the queue by shared memory
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_evaluate_with_rank_0s_statistics_and_checkpoint(tmp_path):
+    from recbole_mm import distributed
+
+    saved = torch.nn.Linear(2, 2)
+    path = str(tmp_path / "best.pth")
+    torch.save({"state_dict": saved.state_dict(), "other_parameter": None}, path)
+    (s0, w0), (s1, w1) = distributed.launch(_share_worker, (distributed.free_port(), path), nproc=2)
+    torch.manual_seed(0)
+    expected = torch.cat([torch.randn(4), torch.rand(4) + 0.5]).tolist()  # what rank 0 drew
+    assert s0 == expected and s1 == expected
+    assert w0 == saved.weight.detach().tolist() and w1 == w0
