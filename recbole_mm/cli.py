@@ -248,6 +248,20 @@ def parse_space(items: list[str]) -> dict:
     return space
 
 
+def _check_space_keys(args) -> None:
+    """A searched key nobody reads (a typo) would make every trial the same run: an error before any trial."""
+    from recbole_mm.config import known_config_keys, unknown_key_message
+    from recbole_mm.registry import get_model
+    from recbole_mm.tuning import parse_params_file
+
+    space = parse_params_file(args.params_file) if args.params_file else parse_space(args.space)
+    known = known_config_keys(get_model(args.model))
+    for name in sorted({n for params in space.values() for n in params}):
+        if name not in known:
+            raise ValueError(unknown_key_message(name, "the search space", known).replace(
+                "; it is not used", ": no trial would read it"))
+
+
 def cmd_tune(args) -> int:
     if not args.params_file and not args.space:
         raise SystemExit("recbole-mm tune: give --params-file FILE or at least one --space name=choice([...])")
@@ -256,6 +270,7 @@ def cmd_tune(args) -> int:
     if args.tool != "ray" and ray_only:
         raise ValueError(f"{', '.join(ray_only)} {'applies' if len(ray_only) == 1 else 'apply'} to --tool ray only; "
                          f"add --tool ray (hyperopt runs one trial at a time in this process)")
+    _check_space_keys(args)
     if args.tool == "ray":
         from recbole_mm.tuning import params2str, ray_tune
 

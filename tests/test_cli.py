@@ -241,3 +241,14 @@ def test_evaluate_a_checkpoint_again(tiny_config, tmp_path, capsys):
     assert valid["best_valid_result"] == pytest.approx(dict(result["best_valid_result"]))
     assert cli(["evaluate", str(tmp_path / "nope.pth")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["hyperopt", "ray"])
+def test_tune_refuses_a_searched_key_nobody_reads(tool, tiny_root, tmp_path, capsys):
+    """A typo in the search space would make every trial the same run: an error naming the key before any trial."""
+    out = tmp_path / "tune.md"
+    rc = cli(["tune", "--tool", tool, "--model", "SASRec", "--dataset", "mm-tiny", "--data-path", tiny_root,
+              "--space", "learning_rat=choice([0.01, 0.001])", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "'learning_rat'" in err and "did you mean 'learning_rate'" in err and "no trial" in err
+    assert not out.exists()

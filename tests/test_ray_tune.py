@@ -119,7 +119,9 @@ def test_search_space_matches_recbole_parser_and_algorithms(tmp_path):
     grid = search_space({"choice": {"embedding_size": [16, 32], "lr": [0.1, 0.01, 0.001]}}, "exhaustive")
     assert grid == {"embedding_size": tune.grid_search([16, 32]), "lr": tune.grid_search([0.1, 0.01, 0.001])}
     space = search_space(parsed, "random")
-    assert isinstance(space["embedding_size"], tune.search.sample.Categorical)
+    from ray.tune.search.sample import Categorical
+
+    assert isinstance(space["embedding_size"], Categorical)
     assert space["embedding_size"].categories == [16, 32, 64]
     # hyperopt's loguniform(lo, hi) is exp(uniform(lo, hi)): the same bounds in Ray's terms
     assert space["learning_rate"].lower == pytest.approx(math.exp(-8)) and space["learning_rate"].upper == 1.0
