@@ -110,6 +110,25 @@ def combine_chunks(table: pa.Table) -> pa.Table:
     return table.combine_chunks()
 
 
+def split_sequence_lines(users: pa.Array, items: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
+    """The ``user`` / ``items`` columns of sequence lines: the users trimmed, the items split at runs of Unicode
+    whitespace (arrow's definition); returns ``(users, items, line of each item, items per line)``.
+
+    The items are trimmed before the split: pyarrow's ``utf8_split_whitespace`` (measured on 26.0.1) reads one byte
+    past a string that ends in whitespace, and when that byte does not start valid UTF-8 it leaves the string
+    unsplit (``'a b '`` came out as ``['a b ']``). Past the last string of a buffer that byte is whatever memory
+    follows, so the result changed from run to run. A trimmed string never ends in whitespace.
+    """
+    users = pc.utf8_trim_whitespace(users)
+    pieces = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(items))
+    flat = pc.list_flatten(pieces)
+    parents = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
+    nonempty = pc.not_equal(flat, "")  # a whitespace-only field gives one empty piece
+    flat = pc.filter(flat, nonempty)
+    parents = parents[nonempty.to_numpy(zero_copy_only=False)].astype(np.int64)
+    return users, flat, parents, np.bincount(parents, minlength=len(users)).astype(np.int64)
+
+
 def read_sequences(path: str, prov: Provenance, section: str = SECTION) -> tuple[pa.Array, pa.Array, np.ndarray]:
     """Read ``user<TAB>item item ...`` lines; returns user tokens, item tokens and positions (0-based).
 
@@ -117,14 +136,7 @@ def read_sequences(path: str, prov: Provenance, section: str = SECTION) -> tuple
     its items concatenated in file order (positions continue), recorded as a detected quirk.
     """
     table = read_string_table(path, ["user", "items"], prov, delimiter="\t", quote=False, section=section)
-    users = pc.utf8_trim_whitespace(table["user"]).combine_chunks()
-    items = pc.utf8_split_whitespace(table["items"]).combine_chunks()
-    flat = pc.list_flatten(items)
-    parents = pc.list_parent_indices(items).to_numpy(zero_copy_only=False)
-    nonempty = pc.not_equal(flat, "")  # runs of leading / trailing whitespace give empty pieces
-    flat = pc.filter(flat, nonempty)
-    parents = parents[nonempty.to_numpy(zero_copy_only=False)]
-    lengths = np.bincount(parents, minlength=len(users)).astype(np.int64)
+    users, flat, parents, lengths = split_sequence_lines(table["user"].combine_chunks(), table["items"].combine_chunks())
     empty = np.flatnonzero(lengths == 0)
     if len(empty):
         prov.drop(section, "sequence line without items", len(empty),

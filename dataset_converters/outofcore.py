@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from dataset_converters.errors import ConversionError
-from dataset_converters.interactions import _BAD_TOKEN, _NUMBER, SECTION
+from dataset_converters.interactions import _BAD_TOKEN, _NUMBER, SECTION, split_sequence_lines
 from dataset_converters.provenance import MAX_EXAMPLES, Provenance
 
 logger = logging.getLogger("dataset_converters")
@@ -322,14 +322,7 @@ class SequenceColumns(Columns):
         self.n_lines = 0
 
     def __call__(self, batch: pa.RecordBatch, row0: int):
-        users = pc.utf8_trim_whitespace(batch.column("user"))
-        items = pc.utf8_split_whitespace(batch.column("items"))
-        flat = pc.list_flatten(items)
-        parents = pc.list_parent_indices(items).to_numpy(zero_copy_only=False)
-        nonempty = pc.not_equal(flat, "")  # runs of leading / trailing whitespace give empty pieces
-        flat = pc.filter(flat, nonempty)
-        parents = parents[nonempty.to_numpy(zero_copy_only=False)].astype(np.int64)
-        lengths = np.bincount(parents, minlength=len(users)).astype(np.int64)
+        users, flat, parents, lengths = split_sequence_lines(batch.column("user"), batch.column("items"))
         empty = np.flatnonzero(lengths == 0)
         if len(empty):
             self.dropped += len(empty)

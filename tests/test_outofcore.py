@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -464,6 +465,29 @@ def test_out_of_core_sequence_reader_streams_in_blocks(tmp_path, monkeypatch):
     assert [x for b in blocks for x in b.column("i").to_pylist()] == items.to_pylist()
     assert [x for b in blocks for x in b.column("u").to_pylist()] == users.to_pylist()
     assert pa.types.is_integer(blocks[0].column("ti").type)
+
+
+def _strings_followed_by(values: list[bytes], tail: bytes) -> pa.Array:
+    """A string array whose data buffer holds ``tail`` right after its last string (as memory past a buffer may)."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values),
+                                 [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values) + tail)])
+
+
+@pytest.mark.parametrize("tail", [b"", b"a", b" ", b"\xff", b"\x80", b"\xe8"])
+def test_sequence_split_ignores_the_bytes_after_the_last_line(tail):
+    """Items end where the line ends, whatever byte lies after it in memory (pyarrow's split reads one past a
+    string that ends in whitespace: this made the .tsv readers differ from run to run)."""
+    lines = ["视频 ", "a b  ", "x\u3000", "c \x0bd\u00a0", "   ", "e"]
+    users = pa.array([f"u{k} " for k in range(len(lines))])
+    for last in range(1, len(lines) + 1):  # each line once as the last string of its buffer
+        items = _strings_followed_by([x.encode() for x in lines[:last]], tail)
+        got_users, flat, parents, lengths = interactions.split_sequence_lines(users[:last], items)
+        expected = [x.split() for x in lines[:last]]  # Python's split: the same whitespace for these characters
+        assert got_users.to_pylist() == [f"u{k}" for k in range(last)]
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert flat.to_pylist() == [t for e in expected for t in e]
+        assert parents.tolist() == [k for k, e in enumerate(expected) for _ in e]
 
 
 def _prov(root: str):
