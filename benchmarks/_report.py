@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
@@ -114,15 +115,17 @@ def write_section(title: str, body: str) -> None:
         f.write(text.rstrip("\n") + "\n")
 
 
-def run_worker(script: str, args: list, out: str, label: str, cwd: str) -> dict:
-    """Run ``python script --worker *args out`` in a fresh process; its JSON result plus ``wall`` seconds."""
+def run_worker(script: str, args: list, out: str, label: str, cwd: str, env: Optional[dict] = None) -> dict:
+    """Run ``python script --worker *args out`` in a fresh process (environment ``env``, default this one's); its
+    JSON result plus ``wall`` seconds."""
     import json
     import subprocess
     import sys
     import time
 
     start = time.time()
-    proc = subprocess.run([sys.executable, script, "--worker", *args, out], cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, script, "--worker", *args, out], cwd=cwd, capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
     with open(out, encoding="utf-8") as f:

@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -106,16 +105,12 @@ def worker(mode: str, data_path: str, name: str, cache: str, out: str) -> None:
 
 
 def run(mode, data_path, name, cache, workdir) -> dict:
-    out = os.path.join(workdir, f"{name}-{mode}.json")
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", mode, data_path, name, cache, out],
-                          cwd=workdir, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} {mode} failed:\n{proc.stderr[-3000:]}")
-    with open(out, encoding="utf-8") as f:
-        res = json.load(f)
-    res["wall"] = time.perf_counter() - start
-    return res
+    """One build in a fresh process (:func:`worker`, one OpenMP thread): its result plus ``wall`` seconds."""
+    from benchmarks._report import run_worker
+
+    return run_worker(os.path.abspath(__file__), [mode, data_path, name, cache],
+                      os.path.join(workdir, f"{name}-{mode}.json"), f"{name} {mode}", workdir,
+                      env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def gb(x):
@@ -146,6 +141,17 @@ def render(results: list, stopped: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(results: list, stock_max: int, out_dir: str) -> None:
+    """Print the table of ``results`` and write it to ``<out_dir>/dataset_build.md``."""
+    stopped = (f"Stock RecBole build run up to {stock_max:,} interactions (larger: ~500 B and ~30 us per "
+               f"interaction, i.e. > 20 GB and > 25 min at 50M on this shared machine)."
+               if any(r["n"] > stock_max for r in results) else "")
+    body = render(results, stopped)
+    print(body)
+    with open(os.path.join(out_dir, "dataset_build.md"), "w", encoding="utf-8") as f:
+        f.write("## Sequential dataset build\n\n" + body)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:7])
@@ -164,13 +170,7 @@ def main() -> None:
     if args.render:
         with open(args.render, encoding="utf-8") as f:
             results = sorted(json.load(f), key=lambda r: (r["n"], r["mode"]))
-        stopped = (f"Stock RecBole build run up to {args.stock_max:,} interactions (larger: ~500 B and ~30 us per "
-                   f"interaction, i.e. > 20 GB and > 25 min at 50M on this shared machine)."
-                   if any(r["n"] > args.stock_max for r in results) else "")
-        body = render(results, stopped)
-        print(body)
-        with open(os.path.join(args.out_dir, "dataset_build.md"), "w", encoding="utf-8") as f:
-            f.write("## Sequential dataset build\n\n" + body)
+        report(results, args.stock_max, args.out_dir)
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_dataset_build-")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -197,13 +197,7 @@ def main() -> None:
             with open(os.path.join(args.out_dir, "dataset_build.json"), "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=1)
     results.sort(key=lambda r: (r["n"], r["mode"]))
-    stopped = (f"Stock RecBole build run up to {args.stock_max:,} interactions (larger: ~500 B and ~30 us per "
-               f"interaction, i.e. > 20 GB and > 25 min at 50M on this shared machine)."
-               if any(r["n"] > args.stock_max for r in results) else "")
-    body = render(results, stopped)
-    print(body)
-    with open(os.path.join(args.out_dir, "dataset_build.md"), "w", encoding="utf-8") as f:
-        f.write("## Sequential dataset build\n\n" + body)
+    report(results, args.stock_max, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,154 +1,29 @@
 """Shared artefacts built by several processes at once, and builds killed with SIGKILL, then rerun.
 
-Real processes (``subprocess``): the workers import the package under test, wait at a barrier (a "go" file) so
-that they start the build at the same moment, then build. Kills are either at a chosen publication step (the
-worker SIGKILLs itself at its n-th ``os.replace``, before or after it runs, or in the middle of writing a pickle)
-or at a random moment of the build (seed printed on failure; set RECBOLE_MM_TEST_SEED to replay).
+Real processes (``subprocess``, started by tests/_procs.py): the workers import the package under test, wait at a
+barrier (a "go" file) so that they start the build at the same moment, then build. Kills are either at a chosen
+publication step (the worker SIGKILLs itself at its n-th ``os.replace``, before or after it runs, or in the middle
+of writing a pickle) or at a random moment of the build (seed printed on failure; set RECBOLE_MM_TEST_SEED to
+replay).
 
 What every test checks: all workers succeed, one process builds, the result has the same bytes as an
 uninterrupted build in this process, and nothing is left in the folder (temporary files, partial files, locks).
 """
 
-import glob
-import hashlib
 import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import numpy as np
 import pytest
 
-import recbole_mm
+from tests._procs import (SEED, built_once, file_sha, read_tree, replay_hint, run_killed_after, run_killed_at,
+                          run_together)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(recbole_mm.__file__)))
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "converters")
-SEED = int(os.environ.get("RECBOLE_MM_TEST_SEED") or time.time_ns() % 1_000_000)
-
-PRELUDE = r'''
-import os, sys, time, signal, logging
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-
-
-def barrier():
-    """Say "ready", wait for the go file, then say "started" (the build begins now)."""
-    ready, go, started = (os.environ.get(k) for k in ("TEST_READY", "TEST_GO", "TEST_STARTED"))
-    if ready:
-        open(ready, "w").close()
-        while not os.path.exists(go):
-            time.sleep(0.002)
-    if started:
-        open(started, "w").close()
-
-
-def kill_at_replace(n, after=False):
-    """SIGKILL this process at its n-th os.replace (before or after it runs): a crash at a publication step."""
-    real, calls = os.replace, [0]
-
-    def replace(src, dst, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n and not after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(src, dst, *args, **kwargs)
-        if calls[0] == n and after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    os.replace = replace
-'''
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def _env(extra=None):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1")
-    env.update(extra or {})
-    return env
-
-
-class Worker:
-    def __init__(self, code, logdir, name, env=None):
-        self.out_path, self.err_path = os.path.join(logdir, f"{name}.out"), os.path.join(logdir, f"{name}.err")
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], stdout=out,
-                                         stderr=err, env=_env(env), cwd=logdir)
-
-    def wait(self, timeout=300):
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # never leave a hung worker behind
-            self.proc.wait()
-            raise AssertionError(f"worker hung for {timeout}s; stderr: {open(self.err_path).read()[-3000:]}")
-        with open(self.out_path) as f:
-            self.stdout = f.read()
-        with open(self.err_path) as f:
-            self.stderr = f.read()
-        return self.proc.returncode
-
-
-def _wait_for(path, proc, timeout=300):
-    end = time.time() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            return False
-        assert time.time() < end, f"worker never reached {path}"
-        time.sleep(0.005)
-    return True
-
-
-def run_together(code, logdir, n, name="w"):
-    """Run ``n`` copies of ``code`` that start building at the same moment (barrier). Returns the workers."""
-    go = os.path.join(logdir, f"{name}.go")
-    workers = [Worker(code, logdir, f"{name}{i}", {"TEST_READY": os.path.join(logdir, f"{name}{i}.ready"),
-                                                    "TEST_GO": go}) for i in range(n)]
-    for i, w in enumerate(workers):
-        _wait_for(os.path.join(logdir, f"{name}{i}.ready"), w.proc)
-    open(go, "w").close()
-    for w in workers:
-        w.wait()
-    return workers
-
-
-def run_killed_at(code, logdir, name):
-    """Run ``code`` (which arranges its own SIGKILL); check it was killed."""
-    w = Worker(code, logdir, name)
-    rc = w.wait()
-    assert rc == -signal.SIGKILL, f"worker was not killed (rc {rc}):\n{w.stderr[-3000:]}"
-    return w
-
-
-def run_killed_after(code, logdir, name, delay):
-    """Run ``code`` and SIGKILL it ``delay`` seconds after it starts building (it may finish first)."""
-    started = os.path.join(logdir, f"{name}.started")
-    w = Worker(code, logdir, name, {"TEST_STARTED": started})
-    if _wait_for(started, w.proc):
-        time.sleep(delay)
-        w.proc.send_signal(signal.SIGKILL)
-    w.wait()
-    return w
-
-
-def _sha(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _tree(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ image store
@@ -200,20 +75,15 @@ def _assert_same_store(store_dir, reference):
     assert sorted(os.listdir(store_dir)) == ["index.json", "pixels.npy"]  # no partial, progress or temporary file
     assert os.listdir(os.path.dirname(store_dir)) == [os.path.basename(store_dir)]  # no lock file
     for name in ("pixels.npy", "index.json"):
-        assert _sha(os.path.join(store_dir, name)) == _sha(os.path.join(reference, name)), name
+        assert file_sha(os.path.join(store_dir, name)) == file_sha(os.path.join(reference, name)), name
 
 
 def test_four_processes_build_one_image_store(image_folder, reference_store, tmp_path):
     image_dir, tokens = image_folder
     store_dir = str(tmp_path / "store" / "32px")
     workers = run_together(_store_code(image_dir, store_dir, tokens), str(tmp_path), 4)
-    for w in workers:
-        assert w.proc.returncode == 0, w.stderr[-3000:]
-    results = {w.stdout for w in workers}
-    assert len(results) == 1
-    rows = json.loads(results.pop())["rows"]
+    rows = json.loads(built_once(workers, "item images are missing"))["rows"]
     assert rows[3] == 0 and rows[7] == 0 and rows[0] == 1  # corrupt and missing images use the placeholder
-    assert sum(w.stderr.count("item images are missing") for w in workers) == 1  # one builder
     _assert_same_store(store_dir, reference_store[0])
 
 
@@ -255,10 +125,8 @@ def test_image_store_killed_at_a_random_moment(image_folder, reference_store, tm
     store_dir = str(tmp_path / "store" / "32px")
     run_killed_after(_store_code(image_dir, store_dir, tokens), str(tmp_path), "killed", delay)
     ImageStore.open_or_build(image_dir, store_dir, 32, tokens, progress=False)
-    try:
+    with replay_hint(delay):
         _assert_same_store(store_dir, reference_store[0])
-    except AssertionError as e:
-        raise AssertionError(f"seed {SEED}, kill after {delay:.3f}s: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -291,7 +159,7 @@ def _assert_same_features(out, reference):
     from recbole_mm.data import features as ff
 
     assert sorted(os.listdir(os.path.dirname(out))) == ["f.json", "f.npy"]  # no partial, progress, temp, lock
-    assert _sha(out) == _sha(reference)
+    assert file_sha(out) == file_sha(reference)
     a, b = ff.read_sidecar(out), ff.read_sidecar(reference)
     assert {k: v for k, v in a.items() if k != "created"} == {k: v for k, v in b.items() if k != "created"}
     ff.open_features(out, verify_checksum=True)
@@ -342,10 +210,8 @@ def test_extraction_killed_at_a_random_moment(tiny_root, tiny_bert, reference_fe
     delay = random.Random(SEED).uniform(0, 1.5 * duration)
     run_killed_after(_extract_code(folder, tiny_bert, out), str(tmp_path), "killed", delay)
     extract_features(folder, "mm-tiny", spec, out_path=out, batch_size=64, progress=False)
-    try:
+    with replay_hint(delay):
         _assert_same_features(out, ref)
-    except AssertionError as e:
-        raise AssertionError(f"seed {SEED}, kill after {delay:.3f}s: {e}") from e
 
 
 def test_stale_merge_lock_of_a_killed_merge_is_removed(tiny_root, reference_features, tmp_path, caplog):
@@ -386,10 +252,7 @@ def dataset_cfg(tiny_config, tmp_path):
 
 def test_two_processes_share_one_saved_dataset(dataset_cfg, tmp_path):
     workers = run_together(_dataset_code(dataset_cfg), str(tmp_path), 2)
-    for w in workers:
-        assert w.proc.returncode == 0, w.stderr[-3000:]
-    assert len({w.stdout for w in workers}) == 1
-    assert sum(w.stderr.count("Saving filtered dataset") for w in workers) == 1  # one builder
+    built_once(workers, "Saving filtered dataset")
     assert sum(w.stderr.count("Load filtered dataset from") for w in workers) == 1  # the other waited, then loaded
     assert os.listdir(dataset_cfg["checkpoint_dir"]) == ["mm-tiny-MMSequentialDataset.pth"]  # no lock, no temp
 
@@ -444,7 +307,7 @@ def reference_conversion(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref-convert")
     start = time.time()
     assert main(["microlens", "--input", os.path.join(FIXTURES, "microlens50k"), "--output", str(out), "-q"]) == 0
-    return _tree(str(out / "MicroLens-50k")), time.time() - start
+    return read_tree(str(out / "MicroLens-50k")), time.time() - start
 
 
 KILL_AFTER_FIRST_FILE = """
@@ -477,7 +340,7 @@ def test_killed_conversion_rerun_gives_identical_output_and_no_tmp_folder(refere
                      "--overwrite"]) == 0
     assert "removed what an interrupted conversion left" in caplog.text and "stale lock" in caplog.text
     assert os.listdir(out) == ["MicroLens-50k"]  # no .MicroLens-50k.tmp-* / .old-* folder, no lock
-    tree = _tree(os.path.join(out, "MicroLens-50k"))
+    tree = read_tree(os.path.join(out, "MicroLens-50k"))
     assert sorted(tree) == sorted(reference_conversion[0])
     assert all(tree[k] == reference_conversion[0][k] for k in tree)
 
@@ -491,7 +354,7 @@ def test_conversion_killed_at_a_random_moment(reference_conversion, tmp_path):
     assert main(["microlens", "--input", os.path.join(FIXTURES, "microlens50k"), "--output", out, "-q",
                  "--overwrite"]) == 0
     assert os.listdir(out) == ["MicroLens-50k"], f"seed {SEED}, kill after {delay:.3f}s"
-    assert _tree(os.path.join(out, "MicroLens-50k")) == reference_conversion[0], f"seed {SEED}, delay {delay:.3f}s"
+    assert read_tree(os.path.join(out, "MicroLens-50k")) == reference_conversion[0], f"seed {SEED}, delay {delay:.3f}s"
 
 
 def test_provenance_is_byte_identical_with_an_unreadable_cover(tmp_path):

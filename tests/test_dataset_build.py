@@ -10,16 +10,13 @@ import hashlib
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from recbole_mm.data import sequence_build as sb
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_concurrency import SEED, run_killed_after, run_together  # noqa: E402
+from tests._procs import SEED, run_killed_after, run_together
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -334,7 +331,7 @@ def test_cache_build_killed_at_a_random_moment(synth_cfg, reference_cache, tmp_p
 
 def test_killed_at_publication_leaves_nothing_and_rebuilds(synth_cfg, reference_cache, tmp_path, caplog):
     """SIGKILL right before the rename that publishes the folder: the rerun removes the temporary folder."""
-    from test_concurrency import run_killed_at
+    from tests._procs import run_killed_at
 
     logdir = tmp_path / "logs"
     logdir.mkdir()

@@ -15,7 +15,6 @@ import csv
 import glob
 import os
 import random
-import signal
 import subprocess
 import sys
 
@@ -25,19 +24,10 @@ import pytest
 
 from dataset_converters import ConversionError, interactions, outofcore
 from dataset_converters.cli import main
+from tests._procs import child_env, read_tree, run_killed_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "converters")
-
-
-def _tree(root: str) -> dict[str, bytes]:
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 def _convert(argv: list[str], out: str, engine: str) -> str:
@@ -47,7 +37,7 @@ def _convert(argv: list[str], out: str, engine: str) -> str:
 
 
 def _assert_same_tree(a: str, b: str) -> None:
-    ta, tb = _tree(a), _tree(b)
+    ta, tb = read_tree(a), read_tree(b)
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert ta[k] == tb[k], f"{k} differs:\n--- memory\n{ta[k][:2000]!r}\n--- duckdb\n{tb[k][:2000]!r}"
@@ -284,18 +274,13 @@ def test_bad_memory_limit_is_a_clear_cli_error(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ processes
-def _run(code: str, env_extra: dict) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ooc-ref")
     raw = str(root / "raw")
     make_raw(raw, 11, "junk", n_rows=3000)
     argv = ["microlens", "--input", raw, "--images", "skip", "--keep-last", "5", "--min-user-inter", "2"]
-    return argv, _tree(_convert(argv, str(root / "mem"), "memory"))
+    return argv, read_tree(_convert(argv, str(root / "mem"), "memory"))
 
 
 def test_capped_subprocess_run_matches_and_cleans_up(reference, tmp_path):
@@ -306,10 +291,10 @@ def test_capped_subprocess_run_matches_and_cleans_up(reference, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dataset_converters", *argv, "--output", out, "--engine", "duckdb",
                            "--memory-limit", "100MB", "--temp-dir", str(temp)],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "first appearance of each user" in proc.stderr  # progress of the long steps is reported
-    assert _tree(os.path.join(out, "Rand")) == ref
+    assert read_tree(os.path.join(out, "Rand")) == ref
     assert os.listdir(temp) == []
 
 
@@ -328,15 +313,14 @@ def die(self, *args, **kwargs):  # SIGKILL once the rows are staged in DuckDB, m
 outofcore.DuckInteractions.keep_last = die
 sys.exit(main({full!r}))
 """
-    proc = _run(code, {})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_killed_at(code, str(tmp_path), "killed")
     left = _work_folders(str(temp))
     assert len(left) == 1 and os.path.isfile(os.path.join(left[0], "owner.lock"))
     with caplog.at_level("WARNING"):
         assert main([a for a in full if a != "-q"]) == 0
     assert "removed what an interrupted out-of-core conversion left" in caplog.text
     assert os.listdir(temp) == []
-    assert _tree(os.path.join(out, "Rand")) == ref
+    assert read_tree(os.path.join(out, "Rand")) == ref
 
 
 def test_a_live_runs_work_folder_is_not_removed(tmp_path):

@@ -52,7 +52,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -189,20 +189,26 @@ class ImageStore:
 
     @classmethod
     def _open_if_fresh(cls, image_dir: str, store_dir: str, size: int, tokens: Sequence[str]) -> Optional["ImageStore"]:
-        """The store when it is complete and up to date, opened without the lock; else ``None``.
+        """The store when it is complete, raw and up to date, opened without the lock; else ``None``."""
+        return _open_unlocked(cls, store_dir, lambda index: (
+            bool(index.get("complete")) and index.get("format", "raw") == "raw"
+            and _stale_reason(index, image_dir, size, tokens) is None))
 
-        The index is read again after the pixels are mapped: a rebuild publishing meanwhile (it removes the index
-        before renaming new pixels into place) makes the two reads differ, and the caller takes the lock path.
-        """
-        index = read_json(os.path.join(store_dir, INDEX))
-        if (index is None or not index.get("complete") or index.get("format", "raw") != "raw"
-                or _stale_reason(index, image_dir, size, tokens) is not None):
-            return None
-        try:
-            store = cls(store_dir)
-        except (OSError, ValueError, RuntimeError):
-            return None
-        return store if store.index == index == read_json(os.path.join(store_dir, INDEX)) else None
+
+def _open_unlocked(cls: type, store_dir: str, fresh: Callable[[dict], bool]) -> Optional[ImageStore | JpegImageStore]:
+    """``cls(store_dir)`` when its index passes ``fresh``, opened without the lock; else ``None`` (both formats).
+
+    The index is read again after the store is opened: a rebuild publishing meanwhile (it removes the index before
+    renaming new pixels or writing new shards) makes the reads differ, and the caller takes the lock path.
+    """
+    index = read_json(os.path.join(store_dir, INDEX))
+    if index is None or not fresh(index):
+        return None
+    try:
+        store = cls(store_dir)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return store if store.index == index == read_json(os.path.join(store_dir, INDEX)) else None
 
 
 def _fingerprint(path: str) -> list:
@@ -544,15 +550,12 @@ class JpegImageStore:
             return cls(store_dir)
 
     @classmethod
-    def _open_if_fresh(cls, image_dir, store_dir, size, tokens, quality) -> Optional["JpegImageStore"]:
-        index = read_json(os.path.join(store_dir, INDEX))
-        if index is None or _jpeg_stale_reason(index, image_dir, size, tokens, quality) is not None:
-            return None
-        try:
-            store = cls(store_dir)
-        except (OSError, ValueError, RuntimeError):
-            return None
-        return store if store.index == index == read_json(os.path.join(store_dir, INDEX)) else None
+    def _open_if_fresh(cls, image_dir: str, store_dir: str, size: int, tokens: Sequence[str],
+                       quality: int) -> Optional["JpegImageStore"]:
+        """The store when it is complete, JPEG of this version and quality and up to date, opened without the lock;
+        else ``None``."""
+        return _open_unlocked(cls, store_dir, lambda index: (
+            _jpeg_stale_reason(index, image_dir, size, tokens, quality) is None))
 
 
 def _jpeg_stale_reason(index: dict, image_dir: str, size: int, tokens: Sequence[str], quality: int) -> Optional[str]:
