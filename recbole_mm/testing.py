@@ -119,11 +119,10 @@ def make_subset_dataset(src_dir: str, src_name: str, out_root: str, name: str, n
 def build_run(model, dataset: str, config_dict: dict, log: bool = False):
     """What ``run_recbole`` builds, without training: ``(config, dataset, train, valid, test, model, trainer)``
     (``log``: also RecBole's logger, as ``run_recbole`` sets it up)."""
-    from recbole.data import data_preparation
     from recbole.utils import init_logger, init_seed
 
     from recbole_mm.config import Config
-    from recbole_mm.data.utils import create_dataset
+    from recbole_mm.data.utils import create_dataset, data_preparation
     from recbole_mm.registry import model_class_of
     from recbole_mm.trainer.utils import get_trainer
 

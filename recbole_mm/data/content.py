@@ -116,23 +116,42 @@ def catalogue_tokens(dataset_dir: str, name: str, item_field: str = "item_id", b
 
     The item tokens of each ``.inter`` file are kept beside it in ``dataset_cache/<file>.items.json``, valid
     while the file keeps its size and mtime: only the first call after a conversion reads the whole ``.inter``
-    (158M rows for PixelRec), later ones read ``.item`` and that small list (nothing is kept when the folder is
-    read-only)."""
-    from recbole_mm.atomic import atomic_write_json, read_json
+    (158M rows for PixelRec), once for all the processes that call it together (the others wait for its
+    :class:`~recbole_mm.atomic.BuildLock`, then read the list); later ones read ``.item`` and that small list
+    (nothing is kept, and no lock is taken, when the folder is read-only)."""
+    from recbole_mm.atomic import (BuildLock, atomic_write_json, leftover_temps, lock_path_for, read_json,
+                                   remove_leftovers)
 
     def inter_items(path: str) -> list:
         st = os.stat(path)
         stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "field": item_field}
         sidecar = os.path.join(os.path.dirname(path), "dataset_cache", os.path.basename(path) + ".items.json")
-        cached = read_json(sidecar)
-        if isinstance(cached, dict) and cached.get("stamp") == stamp:
-            return cached["tokens"]
-        found = sorted(set(read_atomic(path, [item_field], id_columns=[item_field])[item_field].tolist()))
-        try:
-            atomic_write_json(sidecar, {"stamp": stamp, "tokens": found})
-        except OSError:
-            pass
-        return found
+
+        def cached():
+            found = read_json(sidecar)
+            return found["tokens"] if isinstance(found, dict) and found.get("stamp") == stamp else None
+
+        found = cached()
+        if found is not None:
+            return found
+        # First call after a conversion: one process reads the .inter (every DDP rank / trial may get here at
+        # once); the others wait for the lock, then read the sidecar it wrote.
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(BuildLock(lock_path_for(sidecar), what=f"item list {sidecar}"))
+                locked = True
+            except OSError:  # read-only folder: no lock, no sidecar
+                locked = False
+            if locked:
+                remove_leftovers(leftover_temps(sidecar), "item list", reason="temporary files")
+                found = cached()  # written meanwhile by the process that held the lock?
+                if found is not None:
+                    return found
+            found = sorted(set(read_atomic(path, [item_field], id_columns=[item_field])[item_field].tolist()))
+            if locked:
+                with contextlib.suppress(OSError):
+                    atomic_write_json(sidecar, {"stamp": stamp, "tokens": found})
+            return found
 
     tokens: set = set()
     paths = [os.path.join(dataset_dir, f"{name}.item"), os.path.join(dataset_dir, f"{name}.inter")]

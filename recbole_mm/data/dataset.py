@@ -85,23 +85,30 @@ class MMDatasetMixin:
         self._reset_index()
         self.logger.info(f"keep_last_n={n}: kept {len(self.inter_feat)} of {before} interactions")
 
+    def __init__(self, config):
+        # The atomic files this dataset is made from (size, mtime), taken before they are read: saved dataloaders
+        # (data_preparation) and saved datasets made from other files are not used.
+        from recbole_mm.data.sequence_build import file_fingerprints
+
+        self.source_files = file_fingerprints(config["data_path"], config["dataset"])
+        super().__init__(config)
+
     def _load_feat(self, filepath, source):
         """RecBole's loader, with pandas' C parser for the ``.inter`` file: RecBole asks for the Python parser
-        (~20 s per million rows on this machine: about an hour for PixelRec's 158M). Same DataFrame: floats are
-        parsed as Python's ``float`` parses them (``float_precision='round_trip'``); ``.item`` / ``.user`` files
-        (free text) keep RecBole's parser."""
+        (~20 s per million rows on this machine: about an hour for PixelRec's 158M). Same DataFrame: float columns
+        are tokenised by the C parser and converted as the Python parser converts them
+        (:class:`~recbole_mm.data.csv_read.PythonEngineFloats`); ``.item`` / ``.user`` files (free text) keep RecBole's parser.
+
+        Thread-safe: RecBole's module sees :class:`~recbole_mm.data.csv_read.CParserPandas` (installed once), which uses the C parser only
+        in the thread that is inside this method; other threads' reads (any dataset class) are untouched."""
         from recbole.utils import FeatureSource
 
         if source != FeatureSource.INTERACTION or len(self.config["field_separator"] or "") != 1:
             return super()._load_feat(filepath, source)
-        import recbole.data.dataset.dataset as recbole_dataset
+        from recbole_mm.data.csv_read import c_parser_for_this_thread
 
-        real = recbole_dataset.pd
-        recbole_dataset.pd = _CParserPandas(real)
-        try:
+        with c_parser_for_this_thread():
             return super()._load_feat(filepath, source)
-        finally:
-            recbole_dataset.pd = real
 
     def _dataframe_to_interaction(self, data):
         """RecBole's conversion, without a second copy of plain token / float columns: ``torch.from_numpy`` of the
@@ -148,22 +155,6 @@ class MMDatasetMixin:
         # The split datasets share their parent's content (keyed by item id; creating it reads nothing yet).
         nxt.__dict__["_item_content"] = self.item_content
         return nxt
-
-
-class _CParserPandas:
-    """``pandas`` as RecBole's dataset module sees it while it reads a ``.inter`` file: ``read_csv`` with the C
-    parser (see :meth:`MMDatasetMixin._load_feat`)."""
-
-    def __init__(self, pandas):
-        self._pandas = pandas
-
-    def __getattr__(self, name):
-        return getattr(self._pandas, name)
-
-    def read_csv(self, *args, **kwargs):
-        kwargs["engine"] = "c"
-        kwargs.setdefault("float_precision", "round_trip")
-        return self._pandas.read_csv(*args, **kwargs)
 
 
 class MMDataset(MMDatasetMixin, Dataset):

@@ -81,7 +81,8 @@ def create_dataset(config):
         dataset = _load_saved_dataset(default_file, config)  # saved meanwhile by another process?
         if dataset is None:
             dataset = dataset_class(config)
-            dataset.source_files = _source_files(config)  # a re-converted folder makes this file stale
+            if getattr(dataset, "source_files", None) is None:  # MM datasets record them before reading the files
+                dataset.source_files = _source_files(config)  # a re-converted folder makes this file stale
             logging.getLogger().info(set_color("Saving filtered dataset into ", "pink") + f"[{default_file}]")
             atomic_pickle(default_file, dataset)  # RecBole's Dataset.save, atomically
     return dataset
@@ -136,3 +137,86 @@ def attach_image_decode(loader):
         keys = keys if keys is not None else training_user_item_keys(dataset)
     loader.collate_fn = ImageBatchCollate(loader.collate_fn, content, loader.config, keys)
     return loader
+
+
+# ------------------------------------------------------------------------------------------ saved dataloaders
+def saved_dataloaders_file(config) -> str:
+    """The file RecBole's ``load_split_dataloaders`` reads: ``dataloaders_save_path``, else
+    ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth`` (where ``save_dataloaders: True`` writes)."""
+    default = os.path.join(config["checkpoint_dir"], f'{config["dataset"]}-for-{config["model"]}-dataloader.pth')
+    return config["dataloaders_save_path"] or default
+
+
+def changed_source_files(recorded, config) -> list:
+    """The atomic files (``<dataset>.inter``, ``.item``, ...) that differ (size, mtime, added, removed) between
+    ``recorded`` (a dataset's ``source_files``) and the dataset folder now; ``["(not recorded)"]`` when nothing was
+    recorded (a file saved by RecBole itself or by an earlier release)."""
+    if not isinstance(recorded, dict):
+        return ["(not recorded)"]
+    current = _source_files(config)
+    return sorted(f for f in set(recorded) | set(current) if recorded.get(f) != current.get(f))
+
+
+class _NoSavedDataloaders:
+    """``config['dataloaders_save_path']`` names no file while RecBole's ``data_preparation`` runs (so that it builds
+    the dataloaders instead of loading a file already found unusable); restored afterwards."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        self.saved = self.config["dataloaders_save_path"]
+        self.config["dataloaders_save_path"] = os.path.join(os.devnull, "no-saved-dataloaders")
+        return self
+
+    def __exit__(self, *exc):
+        self.config["dataloaders_save_path"] = self.saved
+        return False
+
+
+def data_preparation(config, dataset):
+    """RecBole's ``data_preparation``, except that saved dataloaders (``save_dataloaders`` /
+    ``dataloaders_save_path``) made from other atomic files than the dataset folder's current ones are not used:
+    a warning names the changed files and the dataloaders are built again (as a saved dataset made from other files
+    is, :func:`recbole_mm.data.utils.create_dataset`). RecBole 1.2.1 loads them whatever the files hold now."""
+    from recbole.data import utils as recbole_data_utils
+
+    if getattr(dataset, "source_files", None) is None:  # a RecBole dataset class: record the files for the save
+        dataset.source_files = _source_files(config)
+    path = saved_dataloaders_file(config)
+    loaded = None
+    if os.path.exists(path):
+        try:
+            loaded = recbole_data_utils.load_split_dataloaders(config)
+        except Exception as e:  # truncated (RecBole writes it in place), or made by other code
+            logging.getLogger().warning(f"saved dataloaders {path} are unreadable ({type(e).__name__}: {e}); "
+                                        "building the dataloaders again")
+    if loaded is not None:
+        changed = changed_source_files(getattr(loaded[0]._dataset, "source_files", None), config)
+        if not changed:
+            dataset._change_feat_format()  # what RecBole's data_preparation does with loaded dataloaders
+            _log_loader_settings(config)
+            return loaded
+        why = ("were saved without the record of their dataset files (by RecBole itself or an earlier release)"
+               if changed == ["(not recorded)"] else
+               f"were made from other dataset files than {config['data_path']} holds now (changed since: "
+               f"{', '.join(changed)})")
+        logging.getLogger().warning(
+            f"saved dataloaders {path} {why}: not used, building the dataloaders again. Delete {path} or set "
+            "dataloaders_save_path to nothing to stop this message (save_dataloaders: True saves new ones).")
+    with _NoSavedDataloaders(config):
+        return recbole_data_utils.data_preparation(config, dataset)
+
+
+def _log_loader_settings(config) -> None:
+    """The two log lines of RecBole's ``data_preparation``."""
+
+    def pair(key, value):
+        sep = " = " if key.endswith("batch_size") else ": "
+        return set_color(key, "cyan") + sep + set_color(f"[{value}]", "yellow")
+
+    logger = logging.getLogger()
+    logger.info(set_color("[Training]: ", "pink") + pair("train_batch_size", config["train_batch_size"])
+                + pair(" train_neg_sample_args", config["train_neg_sample_args"]))
+    logger.info(set_color("[Evaluation]: ", "pink") + pair("eval_batch_size", config["eval_batch_size"])
+                + pair(" eval_args", config["eval_args"]))
