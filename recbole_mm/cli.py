@@ -3,13 +3,16 @@
 Every command defaults to the embedded dataset ``ml-100k-mm`` (built on first use). ``key=value`` arguments
 override config keys (values are parsed as YAML: ``epochs=5``, ``text_fields=[title,genres]``); an unknown key
 warns with the closest known one. An error ends the command with one line on stderr naming what is wrong and
-exit code 1; ``--debug`` shows the traceback instead.
+exit code 1; ``--debug`` shows the traceback instead. Known warnings of RecBole's dependencies that a user can do
+nothing about (pandas on RecBole's dataset code, setuptools on ``pkg_resources``) are hidden, each by its message
+and module (:data:`THIRD_PARTY_WARNINGS`); every other warning shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -156,11 +159,9 @@ def cmd_run(args) -> int:
     import recbole_mm
 
     config_dict = _config_dict(args)
-    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        raise ValueError(f"--nproc ({args.nproc}) and --nnodes ({args.nnodes}) must be >= 1 and --node-rank "
-                         f"({args.node_rank}) in 0..{args.nnodes - 1}")
+    _check_distributed_args(args)
     with _plain_argv():
-        if args.nproc > 1 or args.nnodes > 1:  # torch.distributed: one process per device (NCCL) or CPU share (gloo)
+        if _is_distributed(args):  # torch.distributed: one process per device (NCCL) or CPU share (gloo)
             from recbole_mm.quick_start import run
 
             result = run(model=args.model, dataset=args.dataset, config_file_list=args.config_files or None,
@@ -217,10 +218,16 @@ def _save_result(result: dict, path: Optional[str]) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    import recbole_mm
+    from recbole_mm.quick_start import evaluate_checkpoint
 
+    _check_distributed_args(args)
     with _plain_argv():
-        result = recbole_mm.evaluate_checkpoint(args.checkpoint, split=args.split)
+        result = evaluate_checkpoint(args.checkpoint, split=args.split, nproc=args.nproc,
+                                     world_size=args.nproc * args.nnodes, ip=args.master_addr, port=args.master_port,
+                                     group_offset=args.node_rank * args.nproc)
+    if result is None:
+        print(f"node {args.node_rank}: done (the results are on node 0)")
+        return 0
     print(f"\n{result['model']} on {result['dataset']} ({args.split}, {result['checkpoint_file']})\n\n"
           f"{results_table(result_rows(result))}\n")
     _print_fairness(result)
@@ -282,8 +289,9 @@ def cmd_tune(args) -> int:
                              cpus_per_trial=1 if args.cpus_per_trial is None else args.cpus_per_trial,
                              gpus_per_trial=0 if args.gpus_per_trial is None else args.gpus_per_trial,
                              address=args.address, ray_dir=args.ray_dir)
-        trials = [(params2str(t.params), t.result) for t in found.trials if t.result is not None]
+        trials = [(params2str(t.params), t.result, t.path) for t in found.trials if t.result is not None]
         best, best_score = params2str(found.best_params), found.best_score
+        best_result = found.best.result if found.best is not None else None
         header = f"tool: ray ({found.experiment_path}); "
         if found.stopped_early:
             header += f"stopped early ({args.early_stop} finished trials without a better valid score); "
@@ -296,10 +304,19 @@ def cmd_tune(args) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
             yaml.safe_dump(fixed, f)
             fixed_file = f.name
+        # each trial saves its model in a folder of its own: RecBole names checkpoints by the second, so trials of
+        # under a second in one folder would overwrite each other's (as the Ray path does: <checkpoint_dir>/<trial>)
+        base = _tune_checkpoint_base(args, fixed)
+        trial_numbers = itertools.count(1)
+
+        def objective(config_dict, config_file_list):
+            config_dict = dict(config_dict, checkpoint_dir=os.path.join(base, f"trial-{next(trial_numbers)}"))
+            return recbole_mm.objective_function(config_dict, config_file_list)
+
         try:
             with _plain_argv():
                 tuner = HyperTuning(
-                    recbole_mm.objective_function,
+                    objective,
                     params_file=args.params_file,
                     params_dict=parse_space(args.space) if args.space else None,
                     fixed_config_file_list=(args.config_files or []) + [fixed_file],
@@ -310,13 +327,16 @@ def cmd_tune(args) -> int:
                 tuner.run()
         finally:
             os.remove(fixed_file)
-        trials = list(tuner.params2result.items())
+        trials = [(params, res, None) for params, res in tuner.params2result.items()]
         best, best_score = tuner.params2str(tuner.best_params), tuner.best_score
+        best_result = tuner.params2result.get(best)
         header, found = "", None
     output = args.output or f"tune-{args.model}-{args.dataset}.md"
     lines = [f"# Tuning {args.model} on {args.dataset}", "", f"{header}algo: {args.algo}; trials: {len(trials)}", ""]
-    for params, res in trials:
+    for params, res, folder in trials:
         lines += [f"## {params}", "", results_table(result_rows(res)), ""]
+        where = ([f"trial folder: {folder}"] if folder else []) + [f"checkpoint: {trial_checkpoint(res) or '-'}"]
+        lines += ["; ".join(where), ""]
         if res.get("efficiency"):
             lines += [efficiency_table(res), ""]
         for key, what in (("fairness_result", "user vectors"), ("fairness_item_aggregated_result", "item-aggregated")):
@@ -325,12 +345,44 @@ def cmd_tune(args) -> int:
                           fairness_table(res, key), ""]
     for t in (found.failed if found is not None else []):
         lines += [f"## {params2str(t.params)}: failed", "", t.error or "", ""]
-    lines += [f"best: {best} (valid score {best_score:.4f})", ""]
+    lines += [f"best: {best} (valid score {best_score:.4f})"]
+    best_checkpoint = trial_checkpoint(best_result)
+    if best_checkpoint:  # what to evaluate (or transfer from) next
+        lines += [f"best trial checkpoint: {best_checkpoint}", f"(recbole-mm evaluate {best_checkpoint})"]
+    lines += [""]
     with open(output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
     print(f"results written to {output}")
     return 0
+
+
+def _tune_checkpoint_base(args, fixed: dict) -> str:
+    """``<checkpoint_dir>/tune-<model>-<dataset>-<time>``: the folder of a hyperopt search's trial folders
+    (``checkpoint_dir`` from the command line, else the config files, else RecBole's ``saved``)."""
+    import time
+
+    root = fixed.get("checkpoint_dir")
+    for path in reversed(args.config_files or []):
+        if root is None:
+            with open(path, encoding="utf-8") as f:
+                root = (yaml.safe_load(f) or {}).get("checkpoint_dir")
+    name = f"tune-{args.model}-{args.dataset}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    return os.path.abspath(os.path.join(os.path.expanduser(str(root or "saved")), name))
+
+
+def trial_checkpoint(result: Optional[dict]) -> Optional[str]:
+    """The model a tuning trial saved (``objective_function``'s ``checkpoint_file``; for a result without it, the one
+    ``.pth`` of the trial's own ``checkpoint_dir``, which Ray trials have), if it exists."""
+    if not result:
+        return None
+    path = result.get("checkpoint_file")
+    if not path and result.get("checkpoint_dir"):
+        import glob
+
+        found = sorted(glob.glob(os.path.join(result["checkpoint_dir"], "*.pth")))
+        path = found[-1] if len(found) == 1 else None
+    return path if path and os.path.isfile(path) else None
 
 
 # ----------------------------------------------------------------------- extract
@@ -512,6 +564,27 @@ def cmd_tpme(args) -> int:
 
 
 # --------------------------------------------------------------------------- main
+def distributed_args(sp) -> None:
+    """``--nproc --nnodes --node-rank --master-addr --master-port``: the same options for ``run`` and ``evaluate``."""
+    sp.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="processes on this machine (torch.distributed: one per GPU with NCCL, else CPU with gloo)")
+    sp.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines of the run (the same command on each)")
+    sp.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index, 0..M-1 (0 reports)")
+    sp.add_argument("--master-addr", metavar="HOST", help="address of node 0 (default localhost; needed with --nnodes)")
+    sp.add_argument("--master-port", type=int, metavar="PORT",
+                    help="rendezvous port on node 0 (default: a free port; needed with --nnodes)")
+
+
+def _check_distributed_args(args) -> None:
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--nproc ({args.nproc}) and --nnodes ({args.nnodes}) must be >= 1 and --node-rank "
+                         f"({args.node_rank}) in 0..{args.nnodes - 1}")
+
+
+def _is_distributed(args) -> bool:
+    return args.nproc > 1 or args.nnodes > 1
+
+
 DATA_PATH_HELP = "folder holding <dataset>/ (same as data_path=DIR; default: config data_path, ./dataset)"
 
 
@@ -538,22 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-save", action="store_true", help="do not save the best checkpoint (test uses the last model)")
     r.add_argument("--output", "-o", help="also write the result dict as JSON here")
     r.add_argument("--plot", help="write a training-curve PNG (loss and valid score per epoch) here")
-    r.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="processes on this machine (torch.distributed: one per GPU with NCCL, else CPU with gloo)")
-    r.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines of the run (the same command on each)")
-    r.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index, 0..M-1 (0 reports)")
-    r.add_argument("--master-addr", metavar="HOST", help="address of node 0 (default localhost; needed with --nnodes)")
-    r.add_argument("--master-port", type=int, metavar="PORT",
-                   help="rendezvous port on node 0 (default: a free port; needed with --nnodes)")
+    distributed_args(r)
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (YAML values)")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("evaluate", help="evaluate a saved checkpoint again",
                        description="Evaluate a checkpoint written by a run (its config, dataset and protocol: history "
                                    "masked, cold / new item groups, each branch of a multi-branch model).")
-    v.add_argument("checkpoint", help="the .pth file (checkpoint_file of a run)")
+    v.add_argument("checkpoint", help="the .pth file (checkpoint_file of a run; 'best trial checkpoint' of a tune)")
     v.add_argument("--split", choices=["test", "valid"], default="test")
     v.add_argument("--output", "-o", help="also write the result dict as JSON here")
+    distributed_args(v)
     debug(v)
     v.set_defaults(func=cmd_evaluate)
 
@@ -695,6 +763,38 @@ def _show_warnings_briefly() -> None:
     warnings.showwarning = show
 
 
+# Warnings of RecBole 1.2.1 and its dependencies that a user of the command can do nothing about, each matched by
+# the start of its message, its category and the module that triggers it: every other warning (the package's own
+# included) still shows. (message, category, module regex, exact module for child processes' PYTHONWARNINGS)
+THIRD_PARTY_WARNINGS = (
+    # pandas 2.x on RecBole's Dataset._fill_nan (``feat[field].fillna(..., inplace=True)``), once per float field
+    ("A value is trying to be set on a copy of a DataFrame or Series through chained assignment", FutureWarning,
+     r"recbole\.", "recbole.data.dataset.dataset"),
+    # setuptools >= 80 on ``import pkg_resources`` in ray, hyperopt, ... (never in recbole_mm)
+    ("pkg_resources is deprecated as an API", UserWarning, r"(?!recbole_mm\b)", ""),
+)
+
+
+@contextlib.contextmanager
+def quiet_third_party_warnings():
+    """Hide :data:`THIRD_PARTY_WARNINGS` while a command runs, in this process and in the processes it starts
+    (``--nproc``'s, Ray's workers: through ``PYTHONWARNINGS``, which they read when they start)."""
+    saved_env = os.environ.get("PYTHONWARNINGS")
+    options = [f"ignore:{message}:{category.__name__}:{module}".rstrip(":")
+               for message, category, _, module in THIRD_PARTY_WARNINGS]
+    with warnings.catch_warnings():
+        for message, category, module_re, _ in THIRD_PARTY_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=module_re)
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved_env, *options]))
+        try:
+            yield
+        finally:
+            if saved_env is None:
+                os.environ.pop("PYTHONWARNINGS", None)
+            else:
+                os.environ["PYTHONWARNINGS"] = saved_env
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
@@ -709,7 +809,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _show_warnings_briefly()
     try:
         _check_paths(args)
-        return int(args.func(args) or 0)
+        with quiet_third_party_warnings():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"recbole-mm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,9 @@ Differences from ``recbole.quick_start`` (all additive):
 
 - ``model`` may be a name or a class (RecBole looks a class's name up again and fails outside recbole);
 - ``objective_function`` reports to Ray Tune only inside a Ray session (RecBole logs a stack trace otherwise,
-  RecBole#1741) and returns RecBole 1.2.1's dict with ``"model"``;
+  RecBole#1741) and returns RecBole 1.2.1's dict with ``"model"`` and the trial's ``"checkpoint_file"``;
+- a dataset folder copied from an embedded dataset (``ml-100k-mm``) under another name without its yaml is named as
+  such, with the file to copy, instead of RecBole's "[timestamp] is not exist in interaction";
 - the result dict of ``run_recbole`` also carries ``"cold_test_result"`` when the model computes cold-item
   metrics, the run's ``"efficiency"`` record (seconds per epoch, peak memory, trainable / total parameters), plus
   where the log, checkpoint and tensorboard files went (``"log_file"``, ``"checkpoint_file"``, ``"tensorboard_dir"``);
@@ -30,27 +32,37 @@ import sys
 from logging import getLogger
 
 import torch
-from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_mm import compat, distributed, registry
 from recbole_mm.compat import safe_get_flops
 from recbole_mm.config import Config
-from recbole_mm.data.utils import create_dataset
+from recbole_mm.data.utils import create_dataset, data_preparation
 from recbole_mm.threads import configure_threads
 from recbole_mm.trainer.utils import get_trainer
 from recbole_mm.utils import cfg_get
 
 
 def _build(config, logger=None, flops: bool = True):
-    dataset = create_dataset(config)
-    if logger:
-        logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_class = registry.model_class_of(config)
-    model = model_class(config, train_data._dataset).to(config["device"])
+    from recbole_mm.data.embedded import copy_without_config_message
+
+    # a copy of an embedded dataset under another name, without its yaml: RecBole's errors would not say that
+    copy_message = copy_without_config_message(config["data_path"], config["dataset"], config)
+    if copy_message:
+        getLogger().warning(copy_message)
+    try:
+        dataset = create_dataset(config)
+        if logger:
+            logger.info(dataset)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model_class = registry.model_class_of(config)
+        model = model_class(config, train_data._dataset).to(config["device"])
+    except Exception as e:
+        if copy_message:
+            raise ValueError(f"{copy_message} (RecBole's error: {' '.join(str(e).split())[:300]})") from e
+        raise
     if logger:
         logger.info(model)
         if flops:
@@ -287,6 +299,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, repo
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "checkpoint_file": _abs(trainer.saved_model_file) if saved else None,  # the trial's model, for evaluate
         **trainer_extras(trainer),
     }
     if labels is not None:
@@ -327,31 +340,34 @@ def load_data_and_model(model_file, distributed_keys: dict = None):
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def evaluate_checkpoint(model_file, split: str = "test", nproc: int = 1, port=None) -> dict:
+def evaluate_checkpoint(model_file, split: str = "test", nproc: int = 1, port=None, world_size: int = -1, ip=None,
+                        group_offset: int = 0) -> dict:
     """Evaluate a saved checkpoint again (in any process), under the run's own protocol: a result dict in the shape
     ``run_recbole`` returns for that split (``test_result`` or ``best_valid_result``, cold / new item groups with
     their rows, each branch's results for a model with several), plus ``model``, ``dataset``, ``checkpoint_file``
     and, for models that count them, ``items_encoded`` (item rows their item tower encoded in this evaluation, over
     all processes). ``nproc > 1``: in that many new processes on this machine (gloo on the CPU, NCCL on GPUs), with
-    the one-process figures.
+    the one-process figures. Over several machines (``recbole-mm evaluate --nnodes``), as :func:`run`:
+    ``world_size`` processes in all, ``ip`` / ``port`` of node 0, ``group_offset`` = ``node_rank * nproc``; the
+    result comes back on node 0 (``None`` on the others).
     """
     if split not in ("test", "valid"):
         raise ValueError(f"split must be test or valid, got {split!r}")
-    if int(nproc) > 1:
-        keys = distributed.rendezvous(nproc, port=port)
+    if int(nproc) > 1 or int(world_size) > int(nproc):
+        keys = distributed.rendezvous(nproc, world_size, ip, port, group_offset)
         return distributed.launch(_evaluate_rank, (os.path.abspath(model_file), split, keys), nproc=keys["nproc"])
     return _evaluate(model_file, split)
 
 
 def _evaluate_rank(rank: int, model_file: str, split: str, keys: dict):
-    """One process of a distributed :func:`evaluate_checkpoint`: the result on rank 0, ``None`` elsewhere."""
+    """One process of a distributed :func:`evaluate_checkpoint`: the result on global rank 0, ``None`` elsewhere."""
     configure_threads()
     try:
         out = _evaluate(model_file, split, dict(keys, local_rank=rank))
     finally:
         if distributed.is_distributed():
             torch.distributed.destroy_process_group()
-    return out if rank == 0 else None
+    return out if rank + int(keys.get("offset") or 0) == 0 else None
 
 
 def _evaluate(model_file, split: str, distributed_keys: dict = None) -> dict:

@@ -29,7 +29,8 @@ is handled here:
   configuration that are relative to the working directory (``data_path``, ``checkpoint_dir``, ``features_dir``,
   config files, ...) are made absolute first; each trial saves its best model under
   ``<checkpoint_dir>/<trial id>/`` (RecBole names checkpoints by the second they were created: two trials
-  starting together in one folder would overwrite each other's);
+  starting together in one folder would overwrite each other's): ``RayTrial.checkpoint``,
+  ``RayTuneResult.best_checkpoint``, and lines of the ``recbole-mm tune`` table;
 - Ray's ``argv`` (``--node-ip-address=...``) is hidden from RecBole's Config, which would read it as config keys;
 - no dashboard, no usage statistics (nothing leaves the machine); Ray's session files stay in Ray's default
   ``/tmp/ray`` (``RAY_TMPDIR`` moves them), the trial folders go to ``ray_dir`` (default ``./ray_results``);
@@ -264,6 +265,11 @@ class RayTrial:
     def score(self) -> Optional[float]:
         return None if self.result is None else self.result.get("best_valid_score")
 
+    @property
+    def checkpoint(self) -> Optional[str]:
+        """The model the trial saved (``<checkpoint_dir>/<trial id>/<Model>-<time>.pth``), for ``evaluate``."""
+        return None if self.result is None else self.result.get("checkpoint_file")
+
 
 @dataclass
 class RayTuneResult:
@@ -285,6 +291,11 @@ class RayTuneResult:
     @property
     def best_score(self) -> Optional[float]:
         return None if self.best is None else self.best.score
+
+    @property
+    def best_checkpoint(self) -> Optional[str]:
+        """The best trial's saved model (``recbole-mm evaluate`` it, or ``pretrained_path``)."""
+        return None if self.best is None else self.best.checkpoint
 
     @property
     def params2result(self) -> dict:

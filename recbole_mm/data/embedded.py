@@ -52,6 +52,14 @@ GENRE_COLOURS = {
     "unknown": (200, 200, 200),
 }
 _STRIPES = ("horizontal", "vertical", "diagonal", "dots", "none")
+# The header line of each atomic file the builder writes (they also tell a copy of the files under another name).
+EMBEDDED_HEADERS = {
+    "ml-100k-mm": {
+        "inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+        "item": "item_id:token\ttitle:token_seq\tgenres:token_seq\trelease_year:token",
+        "user": "user_id:token\tage:token\tgender:token\toccupation:token",
+    },
+}
 
 
 def cache_root() -> str:
@@ -68,6 +76,67 @@ def _recbole_ml100k_dir() -> str:
     import recbole
 
     return os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
+
+
+def _first_line(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def embedded_origin(folder: str, dataset: str | None = None) -> str | None:
+    """The embedded dataset a folder was built as, else ``None``: its ``provenance.json`` names it (a copy of the
+    whole folder keeps the file), or, for a copy of the atomic files alone, ``<dataset>.inter`` and
+    ``<dataset>.item`` have the header lines the builder writes."""
+    try:
+        with open(os.path.join(folder, "provenance.json"), encoding="utf-8") as f:
+            name = json.load(f).get("dataset")
+        if name in EMBEDDED_DATASETS:
+            return name
+    except (OSError, ValueError, AttributeError):
+        pass
+    dataset = dataset or os.path.basename(os.path.normpath(folder))
+    for name, headers in EMBEDDED_HEADERS.items():
+        if all(_first_line(os.path.join(folder, f"{dataset}.{suffix}")) == headers[suffix] for suffix in ("inter", "item")):
+            return name
+    return None
+
+
+def embedded_config_file(name: str) -> str:
+    """The package's yaml of an embedded dataset (``properties/dataset/<name>.yaml``): the keys that describe its
+    files (id, rating and time fields, ``load_col``, ``text_fields``, ``image_dir``, ...)."""
+    from recbole_mm.paths import properties_dir
+
+    return os.path.join(properties_dir(), "dataset", f"{name}.yaml")
+
+
+def copy_without_config_message(folder: str, dataset: str, config=None) -> str | None:
+    """What is wrong when ``folder`` (the folder of dataset ``dataset``) is a copy of an embedded dataset under
+    another name without a ``<dataset>.yaml``: the package's yaml of the embedded dataset applies to its own name
+    only, so RecBole reads the copy with its defaults (only ``user_id`` and ``item_id`` loaded: "[timestamp] is not
+    exist in interaction", no item text ...). ``None`` when that is not the case, or when ``config`` (the run's)
+    already has every value of that yaml (given in a config file or dict)."""
+    origin = embedded_origin(folder, dataset)
+    if origin is None or dataset == origin or os.path.isfile(os.path.join(folder, f"{dataset}.yaml")):
+        return None
+    source = embedded_config_file(origin)
+    if not os.path.isfile(source) or os.path.isfile(embedded_config_file(dataset)):
+        return None
+    import yaml
+
+    with open(source, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    missing = [k for k, v in values.items() if config is None or config[k] != v]  # the file's order
+    if not missing:
+        return None
+    target = os.path.join(folder, f"{dataset}.yaml")
+    return (f"dataset folder {folder} is a copy of the embedded dataset {origin!r} named {dataset!r}, and it has no "
+            f"{dataset}.yaml: the keys that describe its files ({', '.join(missing)}) are in {source}, which applies "
+            f"to the name {origin!r} only, so RecBole read the copy with its defaults (load_col: only user_id and "
+            f"item_id). Copy that file next to the data: cp {source} {target} (or give those keys in a config file, "
+            f"-c), or keep the folder and file names {origin!r}")
 
 
 def build_embedded(name: str, target_dir: str) -> str:
@@ -150,7 +219,7 @@ def _build_ml100k_mm_locked(target_dir: str, parent: str, name: str) -> str:
     try:
         inter = read_atomic(os.path.join(src, "ml-100k.inter"))
         with open(os.path.join(tmp, f"{name}.inter"), "w", encoding="utf-8", newline="\n") as f:
-            f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+            f.write(EMBEDDED_HEADERS[name]["inter"] + "\n")
             inter[["user_id", "item_id", "rating", "timestamp"]].to_csv(f, sep="\t", header=False, index=False)
 
         items = read_atomic(os.path.join(src, "ml-100k.item"))
@@ -159,12 +228,12 @@ def _build_ml100k_mm_locked(target_dir: str, parent: str, name: str) -> str:
         ]
         items["genres"] = items["class"].str.strip()
         with open(os.path.join(tmp, f"{name}.item"), "w", encoding="utf-8", newline="\n") as f:
-            f.write("item_id:token\ttitle:token_seq\tgenres:token_seq\trelease_year:token\n")
+            f.write(EMBEDDED_HEADERS[name]["item"] + "\n")
             items[["item_id", "title", "genres", "release_year"]].to_csv(f, sep="\t", header=False, index=False)
 
         users = read_atomic(os.path.join(src, "ml-100k.user"))
         with open(os.path.join(tmp, f"{name}.user"), "w", encoding="utf-8", newline="\n") as f:
-            f.write("user_id:token\tage:token\tgender:token\toccupation:token\n")
+            f.write(EMBEDDED_HEADERS[name]["user"] + "\n")
             users[["user_id", "age", "gender", "occupation"]].to_csv(f, sep="\t", header=False, index=False)
 
         img_dir = os.path.join(tmp, "images")
