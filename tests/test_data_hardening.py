@@ -224,8 +224,8 @@ def test_float_fields_read_as_recbole_reads_them(float_folder, monkeypatch, chun
     assert ref["xstrtod"][1] == 0.3 and ref["overflow"][1] == 0.30000000000000004 and ref["overflow"][0] == np.inf
 
 
-VOCABULARY = list({v for column in FLOAT_COLUMNS.values() for v in column} | {
-    "18446744073709551615", "9223372036854775808", "-9223372036854775809", "123456789012345678901234567890", "0x10",
+VOCABULARY = sorted({v for column in FLOAT_COLUMNS.values() for v in column} | {
+    "18446744073709551615", "9223372036854775808", "-9223372036854775809", "-9223372036854775808", "123456789012345678901234567890", "0x10",
     "1.5.1", "N/A", "None", "<NA>", "-nan", "Inf", "4.9e-324", "2.4e-324", "1e20", "0"})
 COMMON = ["7", "12", "-3", "2.5", TELLTALE, "-0", "9007199254740993"]
 
@@ -257,6 +257,62 @@ def test_random_float_columns_read_as_recbole_reads_them(tmp_path, monkeypatch):
         got = csv_read.read_csv_c(pandas, (path,), kwargs)
         assert list(got.dtypes) == list(ref.dtypes) and (got.index == ref.index).all(), rows
         _assert_same_frame(got, ref)
+
+
+def test_float_columns_keep_their_place_whatever_the_dtype_order(tmp_path):
+    """Float columns go back to their file position even when the dtype map lists them in another order."""
+    from recbole_mm.data import csv_read
+
+    head = ["u:token", "x:float", "y:float", "i:token"]
+    _write(tmp_path, "o", "inter", head, [("a", "1.5", "-0", "i1"), ("b", "1e400", "2", "i2")])
+    kwargs = dict(delimiter="\t", usecols=head, encoding="utf-8", engine="python",
+                  dtype={"y:float": np.float64, "i:token": str, "x:float": np.float64, "u:token": str})
+    path = str(tmp_path / "o.inter")
+    _assert_same_frame(csv_read.read_csv_c(pandas, (path,), kwargs), pandas.read_csv(path, **kwargs))
+
+
+@pytest.mark.parametrize("rows", [1, 1000])
+def test_int64_extremes_among_floats_read_as_recbole_reads_them(tmp_path, monkeypatch, rows):
+    """An integer chunk holding int64's minimum (whose abs() overflows) followed by a float chunk."""
+    from recbole_mm.data import csv_read
+
+    monkeypatch.setattr(csv_read, "_CHUNK_ROWS", rows)
+    head = ["u:token", "x:float"]
+    values = ["-9223372036854775808", "9223372036854775807", "9007199254740993", "0.5"]
+    _write(tmp_path, "m", "inter", head, [(f"u{k}", v) for k, v in enumerate(values)])
+    path = str(tmp_path / "m.inter")
+    kwargs = dict(delimiter="\t", usecols=head, dtype={"u:token": str, "x:float": np.float64}, encoding="utf-8",
+                  engine="python")
+    _assert_same_frame(csv_read.read_csv_c(pandas, (path,), kwargs), pandas.read_csv(path, **kwargs))
+
+
+@pytest.mark.parametrize("broken", ["signature", "moved", "values"])
+def test_changed_pandas_internals_fall_back_to_recboles_reader(tmp_path, monkeypatch, broken):
+    """If the pandas internals the conversion calls change (another signature, moved, or no longer what the Python
+    parser does), the read is RecBole's own call (same values), not a silently different conversion."""
+    from recbole_mm.data import csv_read
+
+    def changed(values):
+        if broken == "signature":
+            raise TypeError("maybe_convert_numeric() missing 1 required keyword-only argument")
+        if broken == "moved":
+            raise ImportError("cannot import name 'STR_NA_VALUES' from 'pandas._libs.parsers'")
+        return np.array([float(v) if isinstance(v, str) else np.nan for v in values])  # not the parser's rounding
+
+    monkeypatch.setattr(csv_read, "_convert_numeric", changed)
+    monkeypatch.setattr(csv_read, "_PROBE", None)
+    head = ["u:token", "x:float"]
+    _write(tmp_path, "p", "inter", head, [("a", TELLTALE), ("b", "2.5")])
+    path = str(tmp_path / "p.inter")
+    kwargs = dict(delimiter="\t", usecols=head, dtype={"u:token": str, "x:float": np.float64}, encoding="utf-8",
+                  engine="python")
+    calls = []
+    real_read = pandas.read_csv
+    monkeypatch.setattr(pandas, "read_csv", lambda *a, **k: (calls.append(k.get("engine")), real_read(*a, **k))[1])
+    got = csv_read.read_csv_c(pandas, (path,), kwargs)
+    assert csv_read._PROBE is False and calls[-1] == "python"
+    _assert_same_frame(got, real_read(path, **kwargs))
+    assert got["x:float"][0] == 0.3  # the Python parser's value, not float()'s
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the NaN fill

@@ -46,8 +46,9 @@ def _install_c_parser_pandas() -> None:
 
 class CParserPandas:
     """``pandas`` as RecBole's dataset module sees it: everything is pandas', except that ``read_csv`` called by a
-    thread inside :meth:`~recbole_mm.data.dataset.MMDatasetMixin._load_feat` (a ``.inter`` file) uses the C parser (:func:`read_csv_c`).
-    In any other thread, or outside that method, ``read_csv`` is pandas' own, with the caller's arguments."""
+    thread inside :meth:`~recbole_mm.data.dataset.MMDatasetMixin._load_feat` (a ``.inter`` file) uses the C parser
+    (:func:`read_csv_c`). In any other thread, or outside that method, ``read_csv`` is pandas' own, with the
+    caller's arguments."""
 
     def __init__(self, pandas):
         self._pandas = pandas
@@ -73,6 +74,8 @@ def read_csv_c(pandas, args, kwargs):
     conversion does not reproduce (booleans, errors) makes the file be read by RecBole's own call."""
     dtype = dict(kwargs.get("dtype") or {})
     floats = [k for k, v in dtype.items() if v is np.float64]  # RecBole: np.float64 for float fields, str else
+    if floats and not _pandas_conversion_reproduced(pandas):
+        return pandas.read_csv(*args, **kwargs)
     fast = dict(kwargs, engine="c", dtype={k: (str if k in floats else v) for k, v in dtype.items()})
     fast.pop("float_precision", None)
     fast.pop("chunksize", None)
@@ -91,10 +94,8 @@ def read_csv_c(pandas, args, kwargs):
         return df.astype({k: np.float64 for k in floats if k in df.columns})
     df = pandas.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     del parts
-    for k, conv in converters.items():
-        if k not in columns:
-            continue
-        values = conv.result()
+    for k in [c for c in columns if c in converters]:  # file order: each column back at its own position
+        values = converters[k].result()
         if values is _AGAIN:  # every value through float(): the column's strings once more
             values = _float_strings(pandas, args, fast, k)
         if values is None:
@@ -131,15 +132,18 @@ class PythonEngineFloats:
             return
         try:
             result = _convert_numeric(values)
-        except (ValueError, TypeError):
+        except ValueError:  # a value maybe_convert_numeric rejects: the Python parser's float() route
             self.route, self.floats, self.int_fixes = "float()", [], []
+            return
+        except TypeError:
+            self.route, self.floats, self.int_fixes = "unsupported", [], []
             return
         if result.dtype.kind == "f" and not _beyond_int64(result):
             self.floats.append(result)
             self.int_fixes.append(None)
         elif result.dtype.kind == "i":  # this chunk all integers: keep both readings until the column is known
             floats = result.astype(np.float64)  # the integer reading; the xstrtod one is the same number except
-            check = np.flatnonzero((result == 0) | (np.abs(result) > 2 ** 53))  # maybe for '-0' and beyond 2**53
+            check = np.flatnonzero((result == 0) | (result > 2 ** 53) | (result < -2 ** 53))  # maybe '-0', > 2**53
             fix = (check, floats[check].copy())
             if len(check):
                 with_float = np.append(values[check], np.array([0.5], dtype=object))  # one float: xstrtod route
@@ -179,6 +183,40 @@ def _convert_numeric(values: np.ndarray) -> np.ndarray:
 
     na_values = set(STR_NA_VALUES) | {np.nan}  # the Python parser's na_values | na_fvalues (defaults)
     return lib.maybe_convert_numeric(values, na_values, False)[0]
+
+
+_PROBE = None  # whether this pandas' internals convert as its Python parser does (checked once per process)
+
+
+def _pandas_conversion_reproduced(pandas) -> bool:
+    """The pandas internals :class:`PythonEngineFloats` calls still give the Python parser's values: checked once on
+    values where the paths differ (xstrtod rounding, ``-0`` among integers, ``1e400``). When they do not (a pandas
+    release moved or changed them), every ``.inter`` is read by RecBole's own call (slow, never wrong)."""
+    global _PROBE
+    if _PROBE is None:
+        import io
+
+        tokens = {"a": ["0.30000000000000004", "2"], "b": ["-0", "3"], "c": ["1e400", "1"]}
+        text = "a,b,c\n" + "\n".join(",".join(row) for row in zip(*tokens.values())) + "\n"
+        try:
+            expected = pandas.read_csv(io.StringIO(text), engine="python", dtype=np.float64)
+            ok = True
+            for k, values in tokens.items():
+                conv = PythonEngineFloats()
+                conv.add(np.array(values, dtype=object))
+                got = conv.result()
+                if got is _AGAIN:
+                    got = np.array(values, dtype=object).astype(np.float64)
+                want = expected[k].to_numpy()
+                ok = ok and got is not None and np.array_equal(got.view(np.int64), want.view(np.int64))
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            logging.getLogger().debug(f"pandas conversion probe failed: {type(e).__name__}: {e}")
+            ok = False
+        if not ok:
+            logging.getLogger().warning("this pandas converts numbers differently from what recbole_mm reproduces: "
+                                        ".inter files are read with RecBole's own (slow) reader")
+        _PROBE = ok
+    return _PROBE
 
 
 def _float_strings(pandas, args, fast, column):
