@@ -4,15 +4,13 @@ Every command defaults to the embedded dataset ``ml-100k-mm`` (built on first us
 override config keys (values are parsed as YAML: ``epochs=5``, ``text_fields=[title,genres]``); an unknown key
 warns with the closest known one. An error ends the command with one line on stderr naming what is wrong and
 exit code 1; ``--debug`` shows the traceback instead. Known warnings of RecBole's dependencies that a user can do
-nothing about (pandas on RecBole's dataset code, setuptools on ``pkg_resources``) are hidden, each by its message
-and module (:data:`THIRD_PARTY_WARNINGS`); every other warning shows.
+nothing about are hidden by :mod:`recbole_mm.compat` (each by its message, category and module).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -304,19 +302,12 @@ def cmd_tune(args) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
             yaml.safe_dump(fixed, f)
             fixed_file = f.name
-        # each trial saves its model in a folder of its own: RecBole names checkpoints by the second, so trials of
-        # under a second in one folder would overwrite each other's (as the Ray path does: <checkpoint_dir>/<trial>)
-        base = _tune_checkpoint_base(args, fixed)
-        trial_numbers = itertools.count(1)
-
-        def objective(config_dict, config_file_list):
-            config_dict = dict(config_dict, checkpoint_dir=os.path.join(base, f"trial-{next(trial_numbers)}"))
-            return recbole_mm.objective_function(config_dict, config_file_list)
+        from recbole_mm.tuning import TrialFolders
 
         try:
             with _plain_argv():
                 tuner = HyperTuning(
-                    objective,
+                    TrialFolders(recbole_mm.objective_function, args.model, args.dataset, fixed, args.config_files),
                     params_file=args.params_file,
                     params_dict=parse_space(args.space) if args.space else None,
                     fixed_config_file_list=(args.config_files or []) + [fixed_file],
@@ -357,31 +348,9 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _tune_checkpoint_base(args, fixed: dict) -> str:
-    """``<checkpoint_dir>/tune-<model>-<dataset>-<time>``: the folder of a hyperopt search's trial folders
-    (``checkpoint_dir`` from the command line, else the config files, else RecBole's ``saved``)."""
-    import time
-
-    root = fixed.get("checkpoint_dir")
-    for path in reversed(args.config_files or []):
-        if root is None:
-            with open(path, encoding="utf-8") as f:
-                root = (yaml.safe_load(f) or {}).get("checkpoint_dir")
-    name = f"tune-{args.model}-{args.dataset}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    return os.path.abspath(os.path.join(os.path.expanduser(str(root or "saved")), name))
-
-
 def trial_checkpoint(result: Optional[dict]) -> Optional[str]:
-    """The model a tuning trial saved (``objective_function``'s ``checkpoint_file``; for a result without it, the one
-    ``.pth`` of the trial's own ``checkpoint_dir``, which Ray trials have), if it exists."""
-    if not result:
-        return None
-    path = result.get("checkpoint_file")
-    if not path and result.get("checkpoint_dir"):
-        import glob
-
-        found = sorted(glob.glob(os.path.join(result["checkpoint_dir"], "*.pth")))
-        path = found[-1] if len(found) == 1 else None
+    """The model a tuning trial saved (``objective_function``'s ``checkpoint_file``), if it exists."""
+    path = (result or {}).get("checkpoint_file")
     return path if path and os.path.isfile(path) else None
 
 
@@ -763,38 +732,6 @@ def _show_warnings_briefly() -> None:
     warnings.showwarning = show
 
 
-# Warnings of RecBole 1.2.1 and its dependencies that a user of the command can do nothing about, each matched by
-# the start of its message, its category and the module that triggers it: every other warning (the package's own
-# included) still shows. (message, category, module regex, exact module for child processes' PYTHONWARNINGS)
-THIRD_PARTY_WARNINGS = (
-    # pandas 2.x on RecBole's Dataset._fill_nan (``feat[field].fillna(..., inplace=True)``), once per float field
-    ("A value is trying to be set on a copy of a DataFrame or Series through chained assignment", FutureWarning,
-     r"recbole\.", "recbole.data.dataset.dataset"),
-    # setuptools >= 80 on ``import pkg_resources`` in ray, hyperopt, ... (never in recbole_mm)
-    ("pkg_resources is deprecated as an API", UserWarning, r"(?!recbole_mm\b)", ""),
-)
-
-
-@contextlib.contextmanager
-def quiet_third_party_warnings():
-    """Hide :data:`THIRD_PARTY_WARNINGS` while a command runs, in this process and in the processes it starts
-    (``--nproc``'s, Ray's workers: through ``PYTHONWARNINGS``, which they read when they start)."""
-    saved_env = os.environ.get("PYTHONWARNINGS")
-    options = [f"ignore:{message}:{category.__name__}:{module}".rstrip(":")
-               for message, category, _, module in THIRD_PARTY_WARNINGS]
-    with warnings.catch_warnings():
-        for message, category, module_re, _ in THIRD_PARTY_WARNINGS:
-            warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=module_re)
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved_env, *options]))
-        try:
-            yield
-        finally:
-            if saved_env is None:
-                os.environ.pop("PYTHONWARNINGS", None)
-            else:
-                os.environ["PYTHONWARNINGS"] = saved_env
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
@@ -809,8 +746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _show_warnings_briefly()
     try:
         _check_paths(args)
-        with quiet_third_party_warnings():
-            return int(args.func(args) or 0)
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"recbole-mm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -156,6 +156,9 @@ def _quiet_known_warnings() -> None:
     ):
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"thop\..*")
+    # pandas 2.x on RecBole's Dataset._fill_nan (``feat[field].fillna(..., inplace=True)``), once per float field
+    warnings.filterwarnings("ignore", message=r"A value is trying to be set on a copy of a DataFrame or Series through "
+                            r"chained assignment", category=FutureWarning, module=r"recbole\.data\.dataset\.dataset$")
 
 
 def apply() -> None:

@@ -59,7 +59,7 @@ def _build(config, logger=None, flops: bool = True):
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
         model_class = registry.model_class_of(config)
         model = model_class(config, train_data._dataset).to(config["device"])
-    except Exception as e:
+    except (ValueError, KeyError) as e:  # RecBole's errors on missing fields; others (OOM, no folder) pass as they are
         if copy_message:
             raise ValueError(f"{copy_message} (RecBole's error: {' '.join(str(e).split())[:300]})") from e
         raise

@@ -495,6 +495,31 @@ def _ray_stopper(stopper: NoImprovementStopper):
     return _Stopper()
 
 
+class TrialFolders:
+    """``objective_function`` for RecBole's ``HyperTuning`` (``--tool hyperopt``), each trial saving its model in a
+    folder of its own, ``<checkpoint_dir>/tune-<model>-<dataset>-<time>-<random>/trial-<n>/``, as Ray trials do
+    (``<checkpoint_dir>/<trial id>/``): RecBole names checkpoints by the second, so two trials of under a second in
+    one folder overwrote each other's file. ``checkpoint_dir`` is the run's (command line, else config files, else
+    RecBole's ``saved``); the search folder is made by ``mkdtemp``, so two searches never share one. A
+    ``save_dataset`` pickle is then written per trial (the ``dataset_cache`` build is shared whatever the folder)."""
+
+    def __init__(self, objective, model: str, dataset: str, fixed: dict, config_files: Optional[list] = None):
+        import tempfile
+
+        self.objective = objective
+        root = fixed.get("checkpoint_dir") or _file_keys(config_files or []).get("checkpoint_dir") or "saved"
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        os.makedirs(root, exist_ok=True)
+        self.folder = tempfile.mkdtemp(prefix=f"tune-{model}-{dataset}-{time.strftime('%Y-%m-%d_%H-%M-%S')}-",
+                                       dir=root)
+        self.trials = 0
+
+    def __call__(self, config_dict: dict, config_file_list: list):
+        self.trials += 1
+        folder = os.path.join(self.folder, f"trial-{self.trials}")
+        return self.objective(dict(config_dict or {}, checkpoint_dir=folder), config_file_list)
+
+
 def _file_keys(config_files: list) -> dict:
     """The keys of the user's config files (later files win), for ``data_path`` as the user wrote it."""
     import yaml

@@ -429,7 +429,7 @@ def test_saved_dataloaders_of_changed_files_are_rebuilt(tmp_path, monkeypatch, c
         loaders, builds = _prepare(tmp_path, monkeypatch)
     assert builds == 1  # built again, from the files as they are now
     assert _rows_in_loaders(loaders) == len(rows)
-    assert "dl.inter" in caplog.text and "dataloaders_save_path" in caplog.text
+    assert "dl.inter" in caplog.text and "Delete " in caplog.text
 
     loaders, builds = _prepare(tmp_path, monkeypatch)  # the rebuild was saved: loaded again
     assert builds == 0 and _rows_in_loaders(loaders) == len(rows)

@@ -143,8 +143,11 @@ def attach_image_decode(loader):
 def saved_dataloaders_file(config) -> str:
     """The file RecBole's ``load_split_dataloaders`` reads: ``dataloaders_save_path``, else
     ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth`` (where ``save_dataloaders: True`` writes)."""
-    default = os.path.join(config["checkpoint_dir"], f'{config["dataset"]}-for-{config["model"]}-dataloader.pth')
-    return config["dataloaders_save_path"] or default
+    return config["dataloaders_save_path"] or _default_dataloaders_file(config)
+
+
+def _default_dataloaders_file(config) -> str:
+    return os.path.join(config["checkpoint_dir"], f'{config["dataset"]}-for-{config["model"]}-dataloader.pth')
 
 
 def changed_source_files(recorded, config) -> list:
@@ -188,7 +191,8 @@ def data_preparation(config, dataset):
     if os.path.exists(path):
         try:
             loaded = recbole_data_utils.load_split_dataloaders(config)
-        except Exception as e:  # truncated (RecBole writes it in place), or made by other code
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, RuntimeError) as e:
+            # truncated (RecBole writes it in place), or pickled by other code / versions
             logging.getLogger().warning(f"saved dataloaders {path} are unreadable ({type(e).__name__}: {e}); "
                                         "building the dataloaders again")
     if loaded is not None:
@@ -201,9 +205,13 @@ def data_preparation(config, dataset):
                if changed == ["(not recorded)"] else
                f"were made from other dataset files than {config['data_path']} holds now (changed since: "
                f"{', '.join(changed)})")
-        logging.getLogger().warning(
-            f"saved dataloaders {path} {why}: not used, building the dataloaders again. Delete {path} or set "
-            "dataloaders_save_path to nothing to stop this message (save_dataloaders: True saves new ones).")
+        if config["dataloaders_save_path"]:  # RecBole saves new ones to the default file, never to this path
+            remedy = (f"Delete {path} or set dataloaders_save_path to nothing (save_dataloaders: True writes new ones "
+                      f"to {_default_dataloaders_file(config)}, not to dataloaders_save_path)")
+        else:
+            remedy = f"Delete {path} to stop this message (save_dataloaders: True saves new ones there)"
+        logging.getLogger().warning(f"saved dataloaders {path} {why}: not used, building the dataloaders again. "
+                                    f"{remedy}.")
     with _NoSavedDataloaders(config):
         return recbole_data_utils.data_preparation(config, dataset)
 
