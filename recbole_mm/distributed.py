@@ -72,6 +72,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown(barrier: bool = True) -> None:
+    """End the process group, every rank together: a barrier, then ``destroy_process_group``. A rank that exits
+    while a peer's gloo connection is still open can abort its peer ("terminate called without an active
+    exception"); a no-op in one process. ``barrier=False`` on an error path, where the other ranks may be waiting
+    in another collective."""
+    if not dist.is_initialized():
+        return
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (``obj`` itself without a process group)."""
     if not is_distributed():
@@ -90,6 +104,20 @@ def all_reduce_sum(value: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------- gathering
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Each parameter's gradient becomes its mean over the ranks (a no-op in one process): for parameters stepped
+    outside DDP's backward (e.g. FMMRec's attackers). A missing gradient (no row of this rank reached the
+    parameter) joins the mean as zeros."""
+    if not is_distributed():
+        return
+    world = get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, in rank order (rows may differ per rank; dtype and the
     other dims must not). Returned on ``tensor``'s device."""
@@ -217,6 +245,7 @@ def free_port() -> int:
 def _child(local_rank: int, fn: Callable, args: tuple, queue) -> None:
     """One spawned process: run ``fn(local_rank, *args)``; the process whose global rank is 0 sends the result."""
     out = fn(local_rank, *args)
+    shutdown()  # when ``fn`` left the group open
     if queue is not None and out is not None:
         queue.put(out)
 
@@ -229,12 +258,21 @@ def launch(fn: Callable, args: tuple = (), nproc: int = 2) -> Any:
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
+    result = None
     try:
-        mp.spawn(_child, args=(fn, args, queue), nprocs=int(nproc), join=True)
+        context = mp.start_processes(_child, args=(fn, args, queue), nprocs=int(nproc), join=False,
+                                     start_method="spawn")
+        # the result is read while the processes run: a child's put blocks once the pipe's buffer (64 KiB) is full,
+        # so reading only after join (mp.spawn) deadlocks on a large result (a long run's histories)
+        while not context.join(timeout=0.2):
+            if not queue.empty():
+                result = queue.get()
     except mp.ProcessRaisedException as e:  # the child's traceback is in the message: say its last line first
         last = [line for line in str(e).splitlines() if line.strip()][-1]
         raise RuntimeError(f"process {e.error_index} of {nproc} failed: {last}") from e
-    return None if queue.empty() else queue.get()
+    if result is None and not queue.empty():
+        result = queue.get()
+    return result
 
 
 def rendezvous(nproc: int, world_size: int = -1, ip: Optional[str] = None, port=None, group_offset: int = 0) -> dict:

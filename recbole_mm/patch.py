@@ -211,6 +211,13 @@ def _patch_trainer(module) -> None:
 
             ddp_args = inspect.signature(DistributedDataParallel).parameters
             sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"
+            # DDP broadcasts rank 0's buffers once at construction (torch >= 2.14 even with forward_sync_buffers
+            # False); gloo and NCCL cannot broadcast sparse tensors ("No support for sparse tensors"), so sparse
+            # buffers (FMMRec's user x item matrix; every rank builds them from the same training data) are left out
+            sparse = {name for name, b in self.model.named_buffers() if b.is_sparse}
+            if sparse:
+                ignored = set(getattr(self.model, "_ddp_params_and_buffers_to_ignore", ()))
+                self.model._ddp_params_and_buffers_to_ignore = sorted(ignored | sparse)
             self.distributed_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False})
 
@@ -309,7 +316,7 @@ def _install() -> None:
 
     from recbole_mm import quick_start as mm_qs
     from recbole_mm.config import Config
-    from recbole_mm.data.utils import create_dataset
+    from recbole_mm.data.utils import create_dataset, data_preparation
     from recbole_mm.trainer.utils import get_trainer
 
     for module in (modules["recbole.utils"], utils_utils, configurator, qs):
@@ -318,6 +325,9 @@ def _install() -> None:
         module.get_trainer = get_trainer
     for module in (modules["recbole.data"], data_utils, qs):
         module.create_dataset = create_dataset
+    # saved dataloaders checked against the dataset files (ours calls recbole.data.utils' own, left in place)
+    for module in (modules["recbole.data"], qs):
+        module.data_preparation = data_preparation
     # RecBole's quick start builds its Config by name: give it the plugin's (same class contract).
     qs.Config = Config
     modules["recbole.config"].Config = Config

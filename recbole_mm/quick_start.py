@@ -252,7 +252,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         result.update(fairness_results(config, model, labels))
         logger.info(set_color("fairness (attackers on held-out users)", "yellow") + f": {result['fairness_result']}")
     if not config["single_spec"]:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
     return result
@@ -364,9 +364,10 @@ def _evaluate_rank(rank: int, model_file: str, split: str, keys: dict):
     configure_threads()
     try:
         out = _evaluate(model_file, split, dict(keys, local_rank=rank))
-    finally:
-        if distributed.is_distributed():
-            torch.distributed.destroy_process_group()
+    except BaseException:
+        distributed.shutdown(barrier=False)  # the other ranks may wait in a collective: no barrier
+        raise
+    distributed.shutdown()
     return out if rank + int(keys.get("offset") or 0) == 0 else None
 
 

@@ -49,6 +49,27 @@ def test_evaluate_nproc2_gives_the_one_process_metrics(tiny_root, tmp_path):
         assert one[f"{group}_test_result"] is not None
         _close(one[f"{group}_test_result"], two[f"{group}_test_result"])
 
+    # the multi-node recipe, two "nodes" of one process on this machine: node 0 reports, node 1 says it is done
+    from recbole_mm import distributed
+
+    common = ["evaluate", run["checkpoint_file"], "--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(distributed.free_port())]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    node1 = subprocess.Popen([sys.executable, "-m", "recbole_mm.cli", *common, "--node-rank", "1"], cwd=str(tmp_path),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = tmp_path / "nodes.json"
+    try:
+        assert cli([*common, "--node-rank", "0", "-o", str(nodes)]) == 0
+        out, err = node1.communicate(timeout=300)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert node1.returncode == 0, err[-4000:]
+    assert "node 1: done (the results are on node 0)" in out
+    nodes = json.loads(nodes.read_text())
+    assert nodes["test_rows"] == 60
+    _close(one["test_result"], nodes["test_result"])
+
 
 def test_evaluate_bad_distributed_values_are_one_line(tmp_path, capsys):
     ckpt = tmp_path / "x.pth"

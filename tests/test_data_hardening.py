@@ -386,10 +386,16 @@ def _dl_rows(n_users, n_items, seed):
     return [(f"u{u}", f"i{i}", str(t)) for t, (u, i) in enumerate(pairs)]
 
 
-def _prepare(root, monkeypatch):
-    """``create_dataset`` + our ``data_preparation``; returns the loaders and how many times ``build`` ran."""
+def _prepare(root, monkeypatch, entry="recbole_mm"):
+    """``create_dataset`` + ``data_preparation`` as ``entry`` calls it (ours, or RecBole's own ``run_recbole``, which
+    finds it in its quick_start module); returns the loaders and how many times ``build`` ran."""
+    import importlib
+
     from recbole_mm.data import dataset as mm_dataset
-    from recbole_mm.data.utils import create_dataset, data_preparation
+    from recbole_mm.data.utils import create_dataset
+
+    data_preparation = importlib.import_module(
+        "recbole_mm.data.utils" if entry == "recbole_mm" else "recbole.quick_start.quick_start").data_preparation
 
     builds = []
     real = mm_dataset.MMDataset.build
@@ -409,15 +415,16 @@ def _rows_in_loaders(loaders):
 
 
 @pytest.mark.parametrize("change", ["rewritten", "touched"])
-def test_saved_dataloaders_of_changed_files_are_rebuilt(tmp_path, monkeypatch, caplog, change):
+@pytest.mark.parametrize("entry", ["recbole_mm", "recbole"])
+def test_saved_dataloaders_of_changed_files_are_rebuilt(tmp_path, monkeypatch, caplog, change, entry):
     folder = tmp_path / "dl"
     rows = _dl_rows(30, 40, 0)
     inter = _write(folder, "dl", "inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
-    loaders, builds = _prepare(tmp_path, monkeypatch)
+    loaders, builds = _prepare(tmp_path, monkeypatch, entry)
     saved = tmp_path / "saved" / "dl-for-BPR-dataloader.pth"
     assert builds == 1 and saved.exists() and _rows_in_loaders(loaders) == len(rows)
 
-    loaders, builds = _prepare(tmp_path, monkeypatch)  # same files: the saved dataloaders are loaded
+    loaders, builds = _prepare(tmp_path, monkeypatch, entry)  # same files: the saved dataloaders are loaded
     assert builds == 0 and _rows_in_loaders(loaders) == len(rows)
 
     if change == "rewritten":
@@ -426,12 +433,12 @@ def test_saved_dataloaders_of_changed_files_are_rebuilt(tmp_path, monkeypatch, c
     st = os.stat(inter)
     os.utime(inter, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a re-conversion (same content when touched)
     with caplog.at_level("WARNING"):
-        loaders, builds = _prepare(tmp_path, monkeypatch)
+        loaders, builds = _prepare(tmp_path, monkeypatch, entry)
     assert builds == 1  # built again, from the files as they are now
     assert _rows_in_loaders(loaders) == len(rows)
     assert "dl.inter" in caplog.text and "Delete " in caplog.text
 
-    loaders, builds = _prepare(tmp_path, monkeypatch)  # the rebuild was saved: loaded again
+    loaders, builds = _prepare(tmp_path, monkeypatch, entry)  # the rebuild was saved: loaded again
     assert builds == 0 and _rows_in_loaders(loaders) == len(rows)
 
 
@@ -439,7 +446,7 @@ def test_saved_dataloaders_of_changed_files_are_rebuilt(tmp_path, monkeypatch, c
 def test_saved_dataloaders_without_a_record_or_unreadable_are_rebuilt(tmp_path, monkeypatch, caplog, saved_by):
     """Saved by RecBole's own pipeline (no record of the files: as the saved-dataset path, not trusted), or
     truncated (RecBole writes the file in place): built again with a warning."""
-    from recbole.data import data_preparation as recbole_data_preparation
+    from recbole.data.utils import data_preparation as recbole_data_preparation  # RecBole's own (never patched)
     from recbole.data.dataset import Dataset
 
     rows = _dl_rows(30, 40, 2)

@@ -174,3 +174,53 @@ def test_best_and_early_stop_follow_the_metric_direction():
     stop("3", {"best_valid_score": 0.5})  # equal is no improvement
     assert stop.stop_all()
     assert not NoImprovementStopper(0, bigger=True).stop_all()
+
+
+@pytest.mark.parametrize("algo", ["random", "bayes"])
+def test_ray_random_and_bayes_run_trials_drawn_from_the_space(algo, tiny_root, tiny_bert, tmp_path, capsys):
+    """``--algo random`` (Ray's sampling) and ``--algo bayes`` (HyperOptSearch) with ``--max-evals 2`` through the CLI:
+    two trials ran, each with values drawn from the declared space (a continuous learning rate and a choice), the
+    table lists both, and its best is the trial with the better valid score the trials reported to Ray."""
+    out = tmp_path / "tune.md"
+    cfg = _morec(tiny_bert)
+    cfg.pop("learning_rate")  # searched
+    lo, hi = 0.001, 0.05
+    args = ["tune", "--tool", "ray", "--algo", algo, "--max-evals", "2", "--cpus-per-trial", "1", "--model", "MoRec",
+            "--dataset", "mm-tiny", "--data-path", tiny_root, "--space", f"learning_rate=uniform({lo}, {hi})",
+            "--space", "embedding_size=choice([8, 16])", "--ray-dir", str(tmp_path / "rr"), "-o", str(out)]
+    args += [f"{k}={json.dumps(v)}" for k, v in cfg.items()]
+    args += [f"checkpoint_dir={tmp_path / 'saved'}", f"features_dir={tmp_path / 'features'}"]
+    assert cli(args) == 0
+    table = out.read_text()
+    assert f"algo: {algo}; trials: 2" in table
+
+    experiment = table.split("tool: ray (", 1)[1].split(")", 1)[0]
+    # the search algorithm Ray ran: HyperOptSearch keeps a searcher state, random sampling the basic variant one's
+    searcher = glob.glob(os.path.join(experiment, "searcher-state-*.pkl"))
+    assert bool(searcher) == (algo == "bayes"), os.listdir(experiment)
+    reported, widths = [], {}
+    for path in glob.glob(os.path.join(experiment, "*", "result.json")):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        assert len(rows) == 1
+        reported.append(rows[0])
+    assert len(reported) == 2  # two trials ran (and reported)
+    for row in reported:
+        lr, size = row["config"]["learning_rate"], row["config"]["embedding_size"]
+        assert lo <= lr <= hi and size in (8, 16), row["config"]  # drawn from the declared space
+        result = json.loads(row["recbole_mm_result"])
+        assert row["best_valid_score"] == pytest.approx(float(result["best_valid_score"]))
+        widths.setdefault(size, set()).add(result["efficiency"]["trainable_params"])
+        # the table lists the trial under its values (HyperTuning's params string)
+        assert table.count(f"## {params2str({'learning_rate': lr, 'embedding_size': size})}\n") == 1, (lr, size)
+    assert reported[0]["config"]["learning_rate"] != reported[1]["config"]["learning_rate"]  # two draws, not one
+    # each trial ran with its own embedding_size: one parameter count per width, another for the other width
+    assert all(len(counts) == 1 for counts in widths.values()) and len(set.union(*widths.values())) == len(widths)
+    assert table.count("| valid |") == 2 and table.count("| test |") == 2
+    best = max(reported, key=lambda r: r["best_valid_score"])  # NDCG: bigger is better
+    other = min(reported, key=lambda r: r["best_valid_score"])
+    assert best["best_valid_score"] != other["best_valid_score"]  # else "best" decides nothing
+    params = params2str({"learning_rate": best["config"]["learning_rate"],
+                         "embedding_size": best["config"]["embedding_size"]})
+    assert f"best: {params} (valid score {best['best_valid_score']:.4f})" in table
+    assert "results written to" in capsys.readouterr().out

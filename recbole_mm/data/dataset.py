@@ -42,6 +42,14 @@ def missing_folder_message(path: str, name: str) -> str:
 class MMDatasetMixin:
     """Shared by :class:`MMDataset` and :class:`MMSequentialDataset` (see the module docstring)."""
 
+    def __init__(self, config):
+        # The atomic files this dataset is made from (size, mtime), taken before they are read: saved dataloaders
+        # (data_preparation) and saved datasets made from other files are not used.
+        from recbole_mm.data.sequence_build import file_fingerprints
+
+        self.source_files = file_fingerprints(config["data_path"], config["dataset"])
+        super().__init__(config)
+
     def _download(self):
         raise DatasetNotFoundError(missing_folder_message(self.dataset_path, self.dataset_name))
 
@@ -84,14 +92,6 @@ class MMDatasetMixin:
         self.inter_feat = df
         self._reset_index()
         self.logger.info(f"keep_last_n={n}: kept {len(self.inter_feat)} of {before} interactions")
-
-    def __init__(self, config):
-        # The atomic files this dataset is made from (size, mtime), taken before they are read: saved dataloaders
-        # (data_preparation) and saved datasets made from other files are not used.
-        from recbole_mm.data.sequence_build import file_fingerprints
-
-        self.source_files = file_fingerprints(config["data_path"], config["dataset"])
-        super().__init__(config)
 
     def _load_feat(self, filepath, source):
         """RecBole's loader, with pandas' C parser for the ``.inter`` file: RecBole asks for the Python parser

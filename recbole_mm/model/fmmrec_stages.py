@@ -29,7 +29,7 @@ from logging import getLogger
 
 import torch
 
-from recbole_mm import registry
+from recbole_mm import distributed, registry
 from recbole_mm.layers.fair import ModalDisentangler, train_disentangler
 from recbole_mm.utils import cfg_get, preserved_rng
 
@@ -75,6 +75,39 @@ def build_once(path: str, what: str, build) -> bool:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return True
+
+
+def build_together(path: str, what: str, build) -> bool:
+    """:func:`build_once` for a stage that every rank of a distributed run trains together (the backbone: its
+    trainer is a DDP trainer, whose collectives need every rank). Rank 0 holds the build lock (other runs sharing the
+    cache wait) and decides whether the file must be built; every rank then calls ``build(tmp)`` with rank 0's
+    temporary file (only rank 0 writes it: ``MMTrainer._save_checkpoint``), rank 0 renames it, and the others wait
+    until it has. True when this call built it."""
+    from recbole_mm.atomic import BuildLock, leftover_temps, lock_path_for, remove_leftovers, temp_path_for
+
+    logger, lock, tmp = getLogger(), None, None
+    try:
+        if distributed.is_main_process() and not os.path.isfile(path):
+            lock = BuildLock(lock_path_for(path), what=what, log=logger)
+            lock.__enter__()
+            if os.path.isfile(path):  # another run built it while this one waited
+                lock.__exit__(None, None, None)
+                lock = None
+            else:
+                remove_leftovers(leftover_temps(path), what, logger)
+                tmp = temp_path_for(path)
+        tmp = distributed.broadcast_object(tmp)
+        if tmp is not None:
+            build(tmp)
+            if distributed.is_main_process():
+                os.replace(tmp, path)
+    finally:
+        if lock is not None:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            lock.__exit__(None, None, None)
+    distributed.barrier()  # the file is complete before any rank reads it
+    return tmp is not None
 
 
 def user_set_keys(config) -> dict:
@@ -192,6 +225,10 @@ def backbone_representations(model, config, train_data, valid_data, show_progres
             "config": {k: v for k, v in cfg0.final_config_dict.items() if k not in RUN_ONLY_KEYS},
             "features": getattr(backbone, "feature_fingerprints", dict)()})
         path = os.path.join(cache_dir(config, dataset), f"backbone-{spec}-{key}.pth")
+        # a distributed run: rank 0's file (rank 0's key is the one-process key; other ranks' configs differ in
+        # what they print, e.g. verbose), trained by every rank together (its trainer is a DDP trainer)
+        distributed_run = distributed.is_distributed()
+        path = distributed.broadcast_object(path)
 
         def train(tmp):
             logger.info(f"FMMRec stage 0: training the {spec} backbone (cached as {path})")
@@ -199,7 +236,7 @@ def backbone_representations(model, config, train_data, valid_data, show_progres
             trainer.saved_model_file = tmp  # RecBole saves the best epoch there
             trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=show_progress)
 
-        trained = build_once(path, f"FMMRec backbone {path}", train)
+        trained = (build_together if distributed_run else build_once)(path, f"FMMRec backbone {path}", train)
         if not trained:
             logger.info(f"FMMRec stage 0: reusing the trained {spec} backbone {path}")
     if generator_state is not None:  # the backbone's epochs must not change FMMRec's own batch order

@@ -20,6 +20,7 @@ import os
 import torch
 from torch import nn
 
+from recbole_mm import distributed
 from recbole_mm.config import yaml_keys
 from recbole_mm.fairness import Attacker, as_fields, sensitive_labels
 from recbole_mm.layers.fair import SensitiveFilter, attacker_loss, frozen_call
@@ -221,10 +222,14 @@ class FMMRec(MMGeneralRecommender):
             self._attacker_optimizer = torch.optim.Adam(params, lr=self.attacker_lr,
                                                         weight_decay=self.attacker_weight_decay)
         fair_users, aggregated, labels = self._last_batch
+        params = [p for group in self._attacker_optimizer.param_groups for p in group["params"]]
         with torch.enable_grad():
             for _ in range(self.d_steps):
                 self._attacker_optimizer.zero_grad(set_to_none=True)
                 self.adversarial_terms(fair_users, aggregated, labels, frozen=False).backward()
+                # the attackers step outside DDP's backward: their gradients are averaged here, or each rank's
+                # attackers would learn from its share of the batch only and drift apart
+                distributed.average_gradients(params)
                 self._attacker_optimizer.step()
         self._attacker_optimizer.zero_grad(set_to_none=True)  # no stale gradients in the model's (clipping, counts)
         self._last_batch = None
