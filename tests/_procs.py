@@ -166,3 +166,25 @@ def read_tree(root):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = fh.read()
     return out
+
+
+def two_nodes_on_this_machine(command: list, node0, cwd: str) -> str:
+    """The multi-node recipe with two "nodes" of one process here: ``recbole-mm <command> --nproc 1 --nnodes 2
+    --master-addr 127.0.0.1 --master-port P --node-rank 1`` in a new process while ``node0(args)`` runs node 0 (the
+    same command with ``--node-rank 0``) in this one; returns node 1's stdout (it must succeed)."""
+    from recbole_mm import distributed
+
+    common = [*command, "--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port",
+              str(distributed.free_port())]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    node1 = subprocess.Popen([sys.executable, "-m", "recbole_mm.cli", *common, "--node-rank", "1"], cwd=cwd,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        node0([*common, "--node-rank", "0"])
+        out, err = node1.communicate(timeout=300)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert node1.returncode == 0, err[-4000:]
+    return out
+

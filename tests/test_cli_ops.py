@@ -14,12 +14,17 @@ import pytest
 import recbole_mm
 from recbole_mm.cli import main as cli
 from recbole_mm.paths import properties_dir
+from tests._procs import two_nodes_on_this_machine
 from tests.conftest import TINY_SEQ
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(recbole_mm.__file__)))
 TINY_ARGS = [f"{k}={v}" for k, v in TINY_SEQ.items()]
 PACKAGE_YAML = os.path.join(properties_dir(), "dataset", "ml-100k-mm.yaml")  # ml-100k-mm's keys
 TOL = 1e-6  # tests/test_distributed.py's tolerance for 1- against 2-process evaluation (12 decimals kept)
+
+
+def _ok(code: int) -> None:
+    assert code == 0
 
 
 def _close(a: dict, b: dict, tol: float = TOL) -> None:
@@ -50,21 +55,9 @@ def test_evaluate_nproc2_gives_the_one_process_metrics(tiny_root, tmp_path):
         _close(one[f"{group}_test_result"], two[f"{group}_test_result"])
 
     # the multi-node recipe, two "nodes" of one process on this machine: node 0 reports, node 1 says it is done
-    from recbole_mm import distributed
-
-    common = ["evaluate", run["checkpoint_file"], "--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(distributed.free_port())]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    node1 = subprocess.Popen([sys.executable, "-m", "recbole_mm.cli", *common, "--node-rank", "1"], cwd=str(tmp_path),
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     nodes = tmp_path / "nodes.json"
-    try:
-        assert cli([*common, "--node-rank", "0", "-o", str(nodes)]) == 0
-        out, err = node1.communicate(timeout=300)
-    finally:
-        if node1.poll() is None:
-            node1.kill()
-    assert node1.returncode == 0, err[-4000:]
+    out = two_nodes_on_this_machine(["evaluate", run["checkpoint_file"]],
+                                    lambda args: _ok(cli([*args, "-o", str(nodes)])), str(tmp_path))
     assert "node 1: done (the results are on node 0)" in out
     nodes = json.loads(nodes.read_text())
     assert nodes["test_rows"] == 60

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import recbole_mm
+from tests._procs import two_nodes_on_this_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(recbole_mm.__file__)))
 
@@ -152,21 +153,10 @@ def test_cli_two_nodes_recipe_on_one_machine(odd_root, tmp_path):
     """The multi-node recipe (the same command on every node, --node-rank apart), with two "nodes" of one process
     each on this machine: node 0 reports and alone writes the checkpoint and the log, node 1 only says it is done;
     the figures are those of the checkpoint evaluated in one process."""
-    from recbole_mm import distributed
-
-    common = ["run", "--model", "BPR", "--dataset", "mm-odd", "--data-path", odd_root, "--nproc", "1", "--nnodes", "2",
-              "--master-addr", "127.0.0.1", "--master-port", str(distributed.free_port()), "epochs=1",
-              "show_progress=false", f"checkpoint_dir={tmp_path / 'saved'}", "metric_decimal_place=12"]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    node1 = subprocess.Popen([sys.executable, "-m", "recbole_mm.cli", *common, "--node-rank", "1"], cwd=str(tmp_path),
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _cli([*common, "--node-rank", "0", "-o", str(tmp_path / "node0.json")], cwd=str(tmp_path))
-        out, err = node1.communicate(timeout=300)
-    finally:
-        if node1.poll() is None:
-            node1.kill()
-    assert node1.returncode == 0, err[-4000:]
+    command = ["run", "--model", "BPR", "--dataset", "mm-odd", "--data-path", odd_root, "epochs=1", "show_progress=false",
+               f"checkpoint_dir={tmp_path / 'saved'}", "metric_decimal_place=12"]
+    out = two_nodes_on_this_machine(
+        command, lambda args: _cli([*args, "-o", str(tmp_path / "node0.json")], cwd=str(tmp_path)), str(tmp_path))
     assert "node 1: done" in out
     with open(tmp_path / "node0.json", encoding="utf-8") as f:
         result = json.load(f)
