@@ -391,6 +391,8 @@ def _prepare(root, monkeypatch, entry="recbole_mm"):
     finds it in its quick_start module); returns the loaders and how many times ``build`` ran."""
     import importlib
 
+    from recbole.utils import init_seed
+
     from recbole_mm.data import dataset as mm_dataset
     from recbole_mm.data.utils import create_dataset
 
@@ -406,6 +408,7 @@ def _prepare(root, monkeypatch, entry="recbole_mm"):
 
     monkeypatch.setattr(mm_dataset.MMDataset, "build", build)
     config = _config("BPR", "dl", root, save_dataloaders=True, load_col={"inter": ["user_id", "item_id", "timestamp"]})
+    init_seed(config["seed"], True)  # as a run does: the split's random order is the same in every call
     loaders = data_preparation(config, create_dataset(config))
     return loaders, len(builds)
 
@@ -464,3 +467,35 @@ def test_saved_dataloaders_without_a_record_or_unreadable_are_rebuilt(tmp_path, 
     assert ("without the record" if saved_by == "recbole" else "unreadable") in caplog.text
     loaders, builds = _prepare(tmp_path, monkeypatch)
     assert builds == 0 and _rows_in_loaders(loaders) == len(rows)
+
+
+def _first_epoch_order(loader) -> list:
+    import torch
+
+    torch.manual_seed(12345)  # the global RNG differs from the loaders' generators (seeded by the config's seed)
+    return [int(x) for batch in loader for x in batch[loader._dataset.uid_field]]
+
+
+def test_the_saving_run_shuffles_as_the_loading_runs(tmp_path, monkeypatch):
+    """The run that saves the dataloaders keeps their generators: its first epoch's batch order is that of a run
+    loading the saved file and of a run that saves nothing (RecBole 1.2.1's save set them to None: the saving run
+    shuffled with the global RNG)."""
+    rows = _dl_rows(30, 40, 3)
+    _write(tmp_path / "dl", "dl", "inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
+    saving, builds = _prepare(tmp_path, monkeypatch)
+    assert builds == 1 and saving[0].generator is not None and saving[0].sampler.generator is saving[0].generator
+    loading, builds = _prepare(tmp_path, monkeypatch)
+    assert builds == 0
+    os.remove(tmp_path / "saved" / "dl-for-BPR-dataloader.pth")
+    from recbole.utils import init_seed
+
+    from recbole_mm.data.utils import create_dataset, data_preparation
+
+    config = _config("BPR", "dl", tmp_path, load_col={"inter": ["user_id", "item_id", "timestamp"]})
+    init_seed(config["seed"], True)
+    plain = data_preparation(config, create_dataset(config))
+    order = _first_epoch_order(plain[0])
+    assert len(order) == len(plain[0]._dataset.inter_feat) > 0
+    assert _first_epoch_order(saving[0]) == order
+    assert _first_epoch_order(loading[0]) == order
+

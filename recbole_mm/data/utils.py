@@ -161,19 +161,21 @@ def changed_source_files(recorded, config) -> list:
 
 
 class _NoSavedDataloaders:
-    """``config['dataloaders_save_path']`` names no file while RecBole's ``data_preparation`` runs (so that it builds
-    the dataloaders instead of loading a file already found unusable); restored afterwards."""
+    """While RecBole's ``data_preparation`` runs, ``dataloaders_save_path`` names no file (so that it builds the
+    dataloaders instead of loading a file already found unusable) and ``save_dataloaders`` is off (they are saved by
+    :func:`save_split_dataloaders`); both restored afterwards."""
 
     def __init__(self, config):
         self.config = config
 
     def __enter__(self):
-        self.saved = self.config["dataloaders_save_path"]
+        self.saved = self.config["dataloaders_save_path"], self.config["save_dataloaders"]
         self.config["dataloaders_save_path"] = os.path.join(os.devnull, "no-saved-dataloaders")
+        self.config["save_dataloaders"] = False
         return self
 
     def __exit__(self, *exc):
-        self.config["dataloaders_save_path"] = self.saved
+        self.config["dataloaders_save_path"], self.config["save_dataloaders"] = self.saved
         return False
 
 
@@ -212,8 +214,41 @@ def data_preparation(config, dataset):
             remedy = f"Delete {path} to stop this message (save_dataloaders: True saves new ones there)"
         logging.getLogger().warning(f"saved dataloaders {path} {why}: not used, building the dataloaders again. "
                                     f"{remedy}.")
-    with _NoSavedDataloaders(config):
-        return recbole_data_utils.data_preparation(config, dataset)
+    save = config["save_dataloaders"]
+    with _NoSavedDataloaders(config):  # RecBole builds them; they are saved here, by ours
+        loaders = recbole_data_utils.data_preparation(config, dataset)
+    if save:
+        save_split_dataloaders(config, loaders)
+    return loaders
+
+
+def save_split_dataloaders(config, dataloaders) -> None:
+    """RecBole's ``save_split_dataloaders`` (same file, same pickle: ``(loader, generator state)`` pairs), except that
+    the loaders keep their generators and the file is written atomically. RecBole 1.2.1 sets ``generator = None``
+    on the live loaders to pickle them, so the run that saved them shuffled with the global RNG instead (measured
+    by a new user: valid hit@10 0.0750 in every saving run, 0.0950 in every loading or non-saving run of the same
+    seed); and it wrote the file in place, where a killed run left a truncated file."""
+    path = _default_dataloaders_file(config)
+    logging.getLogger().info(set_color("Saving split dataloaders into", "pink") + f": [{path}]")
+    kept = [(d, d.generator, d.sampler.__dict__.get("generator", _ABSENT)) for d in dataloaders]
+    try:
+        pairs = []
+        for loader in dataloaders:
+            state = loader.generator.get_state()
+            loader.generator = loader.sampler.generator = None
+            pairs.append((loader, state))
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
+        atomic_pickle(path, pairs)
+    finally:
+        for loader, generator, sampler_generator in kept:
+            loader.generator = generator
+            if sampler_generator is _ABSENT:  # e.g. a SequentialSampler: RecBole only added the attribute
+                loader.sampler.__dict__.pop("generator", None)
+            else:
+                loader.sampler.generator = sampler_generator
+
+
+_ABSENT = object()
 
 
 def _log_loader_settings(config) -> None:
