@@ -34,7 +34,8 @@ each patch changes nothing in a single-process run:
                                                 draws such as FREEDOM's pruned graph stay per rank)
 ``AbstractDataLoader.__init__``                 evaluation loaders: each rank takes ``rows[rank::world]``,
                                                 without the sampler's padding (repeated rows)
-``Collector.get_data_struct``                   the evaluated rows of every rank are gathered before the metrics
+``Collector.get_data_struct``                   the evaluated rows of every rank are gathered before the metrics;
+                                                ``.cpu()`` only on tensors (RecBole's fails on ``data.num_items``)
 ``Trainer._map_reduce``                         then nothing to average: the result is already global (RecBole
                                                 averages per-rank metrics, exact only for equal shares)
 ``get_tensorboard`` (trainer)                   ranks other than 0 write no tensorboard files
@@ -256,11 +257,26 @@ def _patch_collector(module) -> None:
         return
 
     def get_data_struct(self):
+        import copy
+
+        import torch
+
         from recbole_mm import distributed
 
         if distributed.is_distributed():  # every rank's evaluated rows, then RecBole's metrics on all of them
             distributed.gather_struct(self.data_struct)
-        return original(self)
+        # RecBole 1.2.1 calls .cpu() on every value: the int data.num_items and the Counter data.count_items
+        # (ItemCoverage, GiniIndex, AveragePopularity, TailPercentage) made it fail with AttributeError
+        data = self.data_struct._data_dict
+        plain = {k: v for k, v in data.items() if not torch.is_tensor(v)}
+        for k in plain:
+            del data[k]
+        try:
+            returned = original(self)
+        finally:
+            data.update(plain)
+        returned._data_dict.update(copy.deepcopy(plain))
+        return returned
 
     get_data_struct.recbole_mm = True
     cls.get_data_struct = get_data_struct

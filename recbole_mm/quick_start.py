@@ -376,6 +376,7 @@ def _evaluate(model_file, split: str, distributed_keys: dict = None) -> dict:
     trainer = get_trainer(config["MODEL_TYPE"], registry.model_class_of(config))(config, model)
     if hasattr(trainer, "_set_item_groups"):  # cold / new groups from the training split, as in the run
         trainer._set_item_groups(train_data._dataset, is_train_split=True)
+    trainer.eval_collector.data_collect(train_data)  # as fit does: item counts for ItemCoverage, GiniIndex, ...
     data = test_data if split == "test" else valid_data
     encoded = getattr(model, "items_encoded_eval", None)
     result = trainer.evaluate(data, load_best_model=False, show_progress=bool(config["show_progress"]))

@@ -39,7 +39,7 @@ def test_evaluate_nproc2_gives_the_one_process_metrics(tiny_root, tmp_path):
     processes: the same metrics (every row once over the ranks; cold / new item groups and a non-additive metric
     included). The valid split and other models: tests/test_distributed.py (through the Python API)."""
     cfg = dict(TINY_SEQ, data_path=tiny_root, checkpoint_dir=str(tmp_path / "saved"), learning_rate=0.01,
-               metric_decimal_place=12, topk=[5, 10], metrics=["Recall", "MRR", "NDCG", "Hit", "ShannonEntropy"],
+               metric_decimal_place=12, topk=[5, 10], metrics=["Recall", "MRR", "NDCG", "Hit", "ShannonEntropy", "ItemCoverage", "AveragePopularity"],
                valid_metric="ndcg@10")
     run = recbole_mm.run_recbole(model="SASRec", dataset="mm-tiny", config_dict=cfg)
     one, two = tmp_path / "one.json", tmp_path / "two.json"
@@ -50,6 +50,7 @@ def test_evaluate_nproc2_gives_the_one_process_metrics(tiny_root, tmp_path):
     _close(one["test_result"], two["test_result"])
     _close(one["test_result"], run["test_result"])
     assert one["test_result"]["hit@10"] > 0 and one["test_result"]["shannonentropy@10"] > 0  # not all-zero
+    assert one["test_result"]["itemcoverage@10"] > 0  # the union of every rank's top-k lists, not one rank's
     for group in ("cold", "new"):
         assert one[f"{group}_test_result"] is not None
         _close(one[f"{group}_test_result"], two[f"{group}_test_result"])

@@ -157,3 +157,40 @@ def test_recbole_graph_models_build_their_adjacency_on_todays_scipy():
         b[i, j] = v
     assert (a.toarray() == b.toarray()).all() and a.nnz == 3
     assert (a.tocoo().toarray() == b.toarray()).all() and ((a > 0).sum(axis=1).A1 == [1, 1, 1, 0]).all()
+
+
+def test_item_metrics_need_the_non_tensor_values_of_the_collector():
+    """RecBole 1.2.1's Collector.get_data_struct calls .cpu() on every value, and ItemCoverage, GiniIndex,
+    AveragePopularity and TailPercentage need the int ``data.num_items`` / Counter ``data.count_items``: they failed
+    with AttributeError. On a handmade struct, ItemCoverage equals a count made here."""
+    from collections import Counter
+
+    from recbole.evaluator.collector import Collector, DataStruct
+    from recbole.evaluator.metrics import AveragePopularity, ItemCoverage
+
+    import recbole_mm.patch  # noqa: F401  (the collector patch is installed when recbole's module is imported)
+
+    struct = DataStruct()
+    items = torch.tensor([[1, 2, 3], [2, 3, 4], [1, 4, 5]])
+    struct.set("rec.items", items)
+    struct.set("data.num_items", 10)
+    struct.set("data.count_items", Counter({1: 5, 2: 1, 3: 2, 4: 7, 5: 1}))
+    holder = type("C", (), {"data_struct": struct})()
+    got = Collector.get_data_struct(holder)
+    assert got.get("data.num_items") == 10 and got.get("data.count_items")[4] == 7
+    assert struct.get("data.num_items") == 10  # still there for the next evaluation
+    cov = ItemCoverage({"topk": [2, 3], "metric_decimal_place": 6}).calculate_metric(got)
+    assert cov == {"itemcoverage@2": round(len({1, 2, 3, 4}) / 10, 6), "itemcoverage@3": round(5 / 10, 6)}
+    pop = AveragePopularity({"topk": [1], "metric_decimal_place": 6}).calculate_metric(got)
+    assert pop == {"averagepopularity@1": round((5 + 1 + 5) / 3, 6)}
+
+
+def test_a_run_reports_the_item_metrics(tiny_root, tmp_path):
+    from tests.conftest import TINY_SEQ
+
+    cfg = dict(TINY_SEQ, data_path=tiny_root, checkpoint_dir=str(tmp_path / "s"), topk=[10],
+               metrics=["Hit", "ItemCoverage", "GiniIndex", "AveragePopularity", "TailPercentage"], valid_metric="hit@10")
+    result = recbole_mm.run_recbole(model="SASRec", dataset="mm-tiny", config_dict=cfg)
+    test = result["test_result"]
+    assert 0 < test["itemcoverage@10"] <= 1 and 0 <= test["giniindex@10"] <= 1 and test["averagepopularity@10"] > 0
+    assert 0 <= test["tailpercentage@10"] <= 1
