@@ -23,9 +23,9 @@ CONVERTERS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "dataset_converters") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dataset_converters",
+        prog=prog,
         description="Convert a raw multimodal recommendation dataset to RecBole atomic files plus item content "
                     "(texts in NAME.item, images/, features/), a dataset yaml and provenance.json.",
     )
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[list[str]] = None, prog: str = "dataset_converters") -> int:
+    """``prog``: the command name in usage and errors (``recbole-mm convert`` when called from there)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logger = logging.getLogger("dataset_converters")
     if not logger.handlers:

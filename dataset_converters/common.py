@@ -45,7 +45,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "the container's limit)")
     g.add_argument("--temp-dir", default=None, metavar="DIR",
                    help="folder for the out-of-core database and its spill files (default: the system temp folder "
-                        "$TMPDIR; needs about 30 bytes per input row free)")
+                        "$TMPDIR; needs about 32 bytes per input row free)")
 
 
 def protocol_from_args(args: argparse.Namespace) -> Protocol:

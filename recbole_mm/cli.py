@@ -456,7 +456,7 @@ def cmd_models(args) -> int:
 def cmd_convert(argv: list[str]) -> int:
     from dataset_converters.cli import main as convert_main
 
-    return convert_main(argv)
+    return convert_main(argv, prog="recbole-mm convert")
 
 
 # -------------------------------------------------------------------------- tpme

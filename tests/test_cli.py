@@ -252,3 +252,13 @@ def test_tune_refuses_a_searched_key_nobody_reads(tool, tiny_root, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 1 and "'learning_rat'" in err and "did you mean 'learning_rate'" in err and "no trial" in err
     assert not out.exists()
+
+
+def test_convert_usage_names_the_command_the_user_typed(capsys):
+    with pytest.raises(SystemExit):
+        cli(["convert", "microlens", "--help"])
+    assert capsys.readouterr().out.startswith("usage: recbole-mm convert microlens ")
+    with pytest.raises(SystemExit):
+        cli(["convert", "microlens"])  # --input missing
+    assert "recbole-mm convert microlens: error: the following arguments are required: --input" in \
+        capsys.readouterr().err
