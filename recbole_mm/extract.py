@@ -234,6 +234,7 @@ def extract_features(
     config: Optional[dict] = None,
     device: str = "cpu",
     _stop_after_batches: Optional[int] = None,
+    replace_stale: bool = True,
 ) -> str:
     """Extract features for every item of the dataset folder. Returns the path of the merged file (or, for a
     shard while other shards are missing, the shard file).
@@ -265,6 +266,12 @@ def extract_features(
         else:
             for path in {target, out_path}:
                 reason = _stale_reason(path, inputs) if _complete(path) else None
+                if reason and not replace_stale:
+                    raise ff.FeatureFileError(
+                        f"features {path} were extracted from other inputs than the dataset folder holds now "
+                        f"({reason}), and a checkpoint trained on them is being loaded: the file is left as it is. "
+                        "Evaluate with the dataset folder the run used, or train again (a run extracts the features "
+                        "again)")
                 if reason:
                     logger.warning(f"features {path} were extracted from other inputs ({reason}): extracting "
                                    "them again (a checkpoint trained on the old file no longer loads)")
@@ -557,12 +564,14 @@ def _text_fields(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpec, progress: bool = True) -> str:
+def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpec, progress: bool = True,
+                   replace_stale: bool = True) -> str:
     """Path of the features for ``spec`` in a dataset folder, extracting them first if they are missing.
 
     An existing file made with other settings (max length, text fields, image size, ...) is an error naming
     both, instead of silently using the wrong features. A file made with these settings from other inputs (the
-    dataset was converted again: new items, other titles, new images) is extracted again (:func:`extract_features`).
+    dataset was converted again: new items, other titles, new images) is extracted again (:func:`extract_features`),
+    unless ``replace_stale`` is False (a checkpoint being loaded: an error, the file untouched).
     """
     features_dir = cfg_get(config, "features_dir")
     path = default_feature_path(dataset_dir, spec, features_dir)
@@ -586,4 +595,5 @@ def get_or_extract(config, dataset_dir: str, dataset_name: str, spec: ExtractSpe
                 f"or extract the new settings elsewhere (features_dir / recbole-mm extract --output)"
             )
     batch_size = int(cfg_get(config, "extract_batch_size", 64))
-    return extract_features(dataset_dir, dataset_name, spec, out_path=path, batch_size=batch_size, progress=progress, config=config)
+    return extract_features(dataset_dir, dataset_name, spec, out_path=path, batch_size=batch_size, progress=progress,
+                            config=config, replace_stale=replace_stale)

@@ -199,3 +199,31 @@ def test_cli_extract_follows_feature_dtype(tiny_root, tiny_bert, tmp_path):
     (npy,) = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.endswith(".npy")]
     assert npy.endswith("-float16.npy")
     assert np.load(npy).dtype == np.float16 and ff.read_sidecar(npy)["dtype"] == "float16"
+
+
+def test_evaluating_a_checkpoint_on_stale_features_leaves_the_file(folder, tiny_bert, tmp_path):
+    """A checkpoint trained on features that a re-conversion made stale: evaluate_checkpoint is an error naming
+    why, and the feature file the checkpoint needs stays as it was (before: it was extracted again, then the
+    checkpoint was refused and told the user to restore the file just replaced). A run extracts them again."""
+    import hashlib
+
+    import recbole_mm
+    from recbole_mm.quick_start import evaluate_checkpoint
+    from tests.conftest import TINY_SEQ
+
+    cfg = dict(TINY_SEQ, **_config(tiny_bert), data_path=os.path.dirname(folder), checkpoint_dir=str(tmp_path / "s"),
+               embedding_size=16, modality="text", mode="two_stage")
+    run = recbole_mm.run_recbole(model="MoRec", dataset="mm-tiny", config_dict=cfg)
+    path = get_or_extract(cfg, folder, "mm-tiny", _spec(cfg), progress=False)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    def retitle(rows):
+        rows[3][1] = "A completely different title"
+        return rows
+
+    _edit_item_file(folder, retitle)
+    with pytest.raises(ff.FeatureFileError, match="the text of some items changed"):
+        evaluate_checkpoint(run["checkpoint_file"])
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    assert get_or_extract(cfg, folder, "mm-tiny", _spec(cfg), progress=False) == path  # a run: extracted again
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() != digest

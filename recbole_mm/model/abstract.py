@@ -23,7 +23,6 @@ lengths -> states ``[B, L, D]``) in its ``__init__``; the base class does the re
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -31,7 +30,8 @@ from recbole.utils import InputType
 
 from recbole_mm.data.dataset import MMSequentialDataset, seq_mode_of, train_item_counts, training_user_item_keys
 from recbole_mm.model import losses
-from recbole_mm.model.content import ContentMixin, FeatureMismatchError  # noqa: F401 (re-exported)
+from recbole_mm.model.content import (ContentMixin, FeatureMismatchError, is_restoring_checkpoint,  # noqa: F401
+                                      restoring_checkpoint)  # (re-exported)
 from recbole_mm.trainer import MMTrainer
 from recbole_mm.utils import cfg_get
 
@@ -42,24 +42,6 @@ SIMILARITIES = ("dot", "cosine")
 LOSSES = ("inbatch", "bce", "ce")
 
 
-_RESTORING = threading.local()
-
-
-@contextlib.contextmanager
-def restoring_checkpoint():
-    """Models built inside this block are about to receive a checkpoint's weights (``load_data_and_model``): they
-    skip initialising weights from elsewhere (PMMRec's transfer from ``pretrained_path``), which the checkpoint
-    replaces anyway and which may no longer be on disk."""
-    previous = getattr(_RESTORING, "on", False)
-    _RESTORING.on = True
-    try:
-        yield
-    finally:
-        _RESTORING.on = previous
-
-
-def is_restoring_checkpoint() -> bool:
-    return bool(getattr(_RESTORING, "on", False))
 
 
 class MMSequentialRecommender(ContentMixin, SequentialRecommender):

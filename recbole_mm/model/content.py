@@ -7,9 +7,31 @@ the model calls :meth:`ContentMixin.init_content` in ``__init__`` after ``super(
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 from recbole_mm.utils import cfg_get, preserved_rng
+
+_RESTORING = threading.local()
+
+
+@contextlib.contextmanager
+def restoring_checkpoint():
+    """Models built inside this block are about to receive a checkpoint's weights (``load_data_and_model``): they
+    skip initialising weights from elsewhere (PMMRec's transfer from ``pretrained_path``), which the checkpoint
+    replaces anyway and which may no longer be on disk, and do not replace frozen features made stale by a
+    re-conversion (the checkpoint was trained on them: :meth:`ContentMixin.frozen_features` raises instead)."""
+    previous = getattr(_RESTORING, "on", False)
+    _RESTORING.on = True
+    try:
+        yield
+    finally:
+        _RESTORING.on = previous
+
+
+def is_restoring_checkpoint() -> bool:
+    return bool(getattr(_RESTORING, "on", False))
 
 
 class FeatureMismatchError(ValueError):
@@ -53,7 +75,9 @@ class ContentMixin:
                 default_feature_path(dataset.dataset_path, spec, cfg_get(config, "features_dir"))):
             self.require_images()
         with preserved_rng():  # extracting on first use must not change this model's initial weights
-            path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress)
+            # loading a checkpoint: features from other inputs are an error, not replaced (the checkpoint needs them)
+            path = get_or_extract(config, dataset.dataset_path, dataset.dataset_name, spec, progress=self.show_progress,
+                                  replace_stale=not is_restoring_checkpoint())
         if kind in ("tokens", "taps"):
             features = self.content.feature_lookup(path)
         else:
