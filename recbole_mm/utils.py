@@ -51,3 +51,25 @@ def preserved_rng():
         np.random.set_state(np_state)
         cudnn.benchmark, cudnn.deterministic = flags
 
+
+class ThreadFlag:
+    """A per-thread switch: true in a thread while it is inside ``with flag.on():`` (nesting restores the outer
+    value), false in every other thread."""
+
+    def __init__(self):
+        import threading
+
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def on(self):
+        previous = getattr(self._local, "on", False)
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = previous
+
+    def __bool__(self) -> bool:
+        return bool(getattr(self._local, "on", False))
+

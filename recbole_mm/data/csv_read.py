@@ -18,7 +18,9 @@ import threading
 
 import numpy as np
 
-_C_PARSER_THREAD = threading.local()  # .active: this thread is reading a .inter file (c_parser_for_this_thread)
+from recbole_mm.utils import ThreadFlag
+
+_C_PARSER_THREAD = ThreadFlag()  # on: this thread is reading a .inter file (c_parser_for_this_thread)
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -27,12 +29,8 @@ def c_parser_for_this_thread():
     """While inside, ``read_csv`` calls of RecBole's dataset module made by this thread go through
     :func:`read_csv_c`; other threads' reads (any dataset class) are untouched."""
     _install_c_parser_pandas()
-    previous = getattr(_C_PARSER_THREAD, "active", False)
-    _C_PARSER_THREAD.active = True
-    try:
+    with _C_PARSER_THREAD.on():
         yield
-    finally:
-        _C_PARSER_THREAD.active = previous
 
 
 def _install_c_parser_pandas() -> None:
@@ -57,7 +55,7 @@ class CParserPandas:
         return getattr(self._pandas, name)
 
     def read_csv(self, *args, **kwargs):
-        if not getattr(_C_PARSER_THREAD, "active", False):
+        if not _C_PARSER_THREAD:
             return self._pandas.read_csv(*args, **kwargs)
         return read_csv_c(self._pandas, args, kwargs)
 

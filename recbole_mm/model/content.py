@@ -7,31 +7,23 @@ the model calls :meth:`ContentMixin.init_content` in ``__init__`` after ``super(
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 
-from recbole_mm.utils import cfg_get, preserved_rng
+from recbole_mm.utils import ThreadFlag, cfg_get, preserved_rng
 
-_RESTORING = threading.local()
+_RESTORING = ThreadFlag()
 
 
-@contextlib.contextmanager
 def restoring_checkpoint():
     """Models built inside this block are about to receive a checkpoint's weights (``load_data_and_model``): they
     skip initialising weights from elsewhere (PMMRec's transfer from ``pretrained_path``), which the checkpoint
     replaces anyway and which may no longer be on disk, and do not replace frozen features made stale by a
     re-conversion (the checkpoint was trained on them: :meth:`ContentMixin.frozen_features` raises instead)."""
-    previous = getattr(_RESTORING, "on", False)
-    _RESTORING.on = True
-    try:
-        yield
-    finally:
-        _RESTORING.on = previous
+    return _RESTORING.on()
 
 
 def is_restoring_checkpoint() -> bool:
-    return bool(getattr(_RESTORING, "on", False))
+    return bool(_RESTORING)
 
 
 class FeatureMismatchError(ValueError):
