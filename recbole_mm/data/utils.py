@@ -78,7 +78,7 @@ def create_dataset(config):
         return dataset_class(config)
     with BuildLock(lock_path_for(default_file), what=f"saved dataset {default_file}", log=logging.getLogger()):
         remove_leftovers(leftover_temps(default_file), "dataset save", logging.getLogger(), reason="temporary files")
-        dataset = _load_saved_dataset(default_file, config)  # saved meanwhile by another process?
+        dataset = _load_saved_dataset(default_file, config, log_stale=False)  # saved meanwhile by another process?
         if dataset is None:
             dataset = dataset_class(config)
             if getattr(dataset, "source_files", None) is None:  # MM datasets record them before reading the files
@@ -95,8 +95,9 @@ def _source_files(config) -> dict:
     return file_fingerprints(config["data_path"], config["dataset"])
 
 
-def _load_saved_dataset(file: str, config):
-    """The dataset pickled in ``file`` if it exists, is readable and was made with this run's dataset keys."""
+def _load_saved_dataset(file: str, config, log_stale: bool = True):
+    """The dataset pickled in ``file`` if it exists, is readable and was made with this run's dataset keys and from
+    the dataset folder's current files (``log_stale``: say so when it was not)."""
     if not os.path.exists(file):
         return None
     try:
@@ -108,9 +109,13 @@ def _load_saved_dataset(file: str, config):
     keys = dataset_arguments + ["seed", "repeatable"] + MM_DATASET_ARGUMENTS
     if not all(config[arg] == dataset.config[arg] for arg in keys):
         return None
-    if getattr(dataset, "source_files", None) != _source_files(config):
-        logging.getLogger().info(f"saved dataset {file} was built from other atomic files (the dataset folder was "
-                                 "converted again, or it predates this check): building it again")
+    changed = changed_source_files(getattr(dataset, "source_files", None), config)
+    if changed:
+        if log_stale:
+            logging.getLogger().warning(
+                f"saved dataset {file} was built from other atomic files than {config['data_path']} holds now "
+                f"({', '.join(changed)}: another folder of the same dataset name, or the folder was converted "
+                "again): building it again")
         return None
     logging.getLogger().info(set_color("Load filtered dataset from", "pink") + f": [{file}]")
     dataset.config = config  # content keys (text fields, image store, ...) come from this run
