@@ -70,10 +70,18 @@ def apply_numpy_aliases() -> None:
 
 
 def ray_init_kwargs(**kwargs) -> dict:
-    """Keyword arguments for ``ray.init`` that apply the numpy aliases inside every Ray worker too."""
+    """Keyword arguments for ``ray.init`` that apply the numpy aliases inside every Ray worker too, and hide
+    setuptools' ``pkg_resources`` notice there (``PYTHONWARNINGS``, added to the user's own ``env_vars``)."""
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", apply_numpy_aliases)
+    # a worker imports ray (and its pkg_resources notice) before any package code runs: the filter goes in at start
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    env_vars["PYTHONWARNINGS"] = ",".join(filter(None, [env_vars.get("PYTHONWARNINGS"), _PKG_RESOURCES_OPTION]))
+    runtime_env["env_vars"] = env_vars
     return {"runtime_env": runtime_env, **kwargs}
+
+
+_PKG_RESOURCES_OPTION = "ignore:pkg_resources is deprecated as an API:UserWarning"
 
 
 class _TorchTrustedLoad(types.ModuleType):

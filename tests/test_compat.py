@@ -43,7 +43,7 @@ def test_ray_worker_setup_hook_makes_ray_importable(with_hook):
 def test_ray_init_kwargs_keeps_user_runtime_env():
     kw = compat.ray_init_kwargs(num_cpus=2, runtime_env={"env_vars": {"A": "1"}})
     assert kw["num_cpus"] == 2
-    assert kw["runtime_env"]["env_vars"] == {"A": "1"}
+    assert kw["runtime_env"]["env_vars"]["A"] == "1"
     assert kw["runtime_env"]["worker_process_setup_hook"] is compat.apply_numpy_aliases
 
 
@@ -72,18 +72,33 @@ def test_ce_sequential_models_get_no_negative_sampling():
         Config(model="SASRec", dataset="ml-100k", config_dict={"train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}})
 
 
+def test_ray_init_kwargs_keeps_user_warning_options():
+    kwargs = compat.ray_init_kwargs(runtime_env={"env_vars": {"PYTHONWARNINGS": "error::DeprecationWarning"}})
+    assert kwargs["runtime_env"]["env_vars"]["PYTHONWARNINGS"].split(",")[0] == "error::DeprecationWarning"
+
+
 def test_real_ray_workers_get_the_aliases():
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, **compat.ray_init_kwargs())
     try:
         @ray.remote
         def worker():
+            import warnings
+
             from ray.tune.logger import tensorboardx  # noqa: F401  (needs np.bool8)
             import numpy
 
-            return numpy.float_ is numpy.float64
+            import sys
 
-        assert ray.get(worker.remote()) is True
+            with warnings.catch_warnings(record=True) as seen:  # the worker's filters
+                warnings.warn_explicit("pkg_resources is deprecated as an API. See ...", UserWarning, "f.py", 1,
+                                       module="ray._private.parameter")
+                warnings.warn_explicit("another notice", UserWarning, "f.py", 2, module="ray._private.parameter")
+            # the filter was in place when the worker's interpreter started (before ray's own imports warn)
+            started = any(o.startswith("ignore:pkg_resources is deprecated") for o in sys.warnoptions)
+            return numpy.float_ is numpy.float64, [str(w.message) for w in seen], started
+
+        assert ray.get(worker.remote()) == (True, ["another notice"], True)
     finally:
         ray.shutdown()
 
