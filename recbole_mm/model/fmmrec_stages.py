@@ -22,6 +22,7 @@ identically).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,27 +86,19 @@ def build_together(path: str, what: str, build) -> bool:
     until it has. True when this call built it."""
     from recbole_mm.atomic import BuildLock, leftover_temps, lock_path_for, remove_leftovers, temp_path_for
 
-    logger, lock, tmp = getLogger(), None, None
-    try:
+    logger, tmp = getLogger(), None
+    with contextlib.ExitStack() as stack:
         if distributed.is_main_process() and not os.path.isfile(path):
-            lock = BuildLock(lock_path_for(path), what=what, log=logger)
-            lock.__enter__()
-            if os.path.isfile(path):  # another run built it while this one waited
-                lock.__exit__(None, None, None)
-                lock = None
-            else:
+            stack.enter_context(BuildLock(lock_path_for(path), what=what, log=logger))
+            if not os.path.isfile(path):  # else another run built it while this one waited
                 remove_leftovers(leftover_temps(path), what, logger)
                 tmp = temp_path_for(path)
+                stack.callback(lambda: os.path.exists(tmp) and os.remove(tmp))  # before the lock is released
         tmp = distributed.broadcast_object(tmp)
         if tmp is not None:
             build(tmp)
             if distributed.is_main_process():
                 os.replace(tmp, path)
-    finally:
-        if lock is not None:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            lock.__exit__(None, None, None)
     distributed.barrier()  # the file is complete before any rank reads it
     return tmp is not None
 
